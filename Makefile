@@ -1,0 +1,25 @@
+# One virtual environment for everything: the pipeline, local Spark + Delta, the sample model, tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[spark,sample,dev]"
+	# spark-defaults.conf for this environment's spark-submit, and Delta's JARs into the Ivy cache
+	$(BIN)/python -m pipeline.spark.session
+	touch $@
+
+quickstart: setup
+	$(BIN)/spark-submit jobs/embed_corpus.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest

@@ -1,0 +1,62 @@
+"""Embed a corpus into a Delta table.
+
+    spark-submit jobs/embed_corpus.py                        # the local default profile
+    python jobs/embed_corpus.py --config conf/qwen3-embedding-4b.yaml --input ... --output ...
+
+The last line on stdout is the run summary as one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import DEFAULT_PROFILE, SettingsError, load_settings
+from pipeline.embed import run_embedding
+from pipeline.model.spec import ModelSpecError
+from pipeline.spark.io import InputError
+from pipeline.spark.session import get_spark
+from pipeline.store.delta import ModelMismatchError
+
+FLAG_KEYS = {
+    "input": "input.path",
+    "output": "output.path",
+    "model": "model.name",
+    "format": "input.format",
+    "id_col": "input.id_col",
+    "text_col": "input.text_col",
+    "title_col": "input.title_col",
+    "mode": "output.mode",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_PROFILE,
+                        help="profile name in conf/ or a YAML path (default: local)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override any setting; repeatable")
+    for flag in FLAG_KEYS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag,
+                            help=f"sets {FLAG_KEYS[flag]}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        settings = load_settings(args.config, args.overrides,
+                                 {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()})
+        spark = get_spark(settings.spark)
+        summary = run_embedding(spark, settings)
+    except (SettingsError, InputError, ModelSpecError, ModelMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary.to_json(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Typed settings: a YAML profile from conf/, then `--set section.key=value` and flag overrides,
+validated once, up front, before Spark or a model is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_PROFILE = "local"
+
+INPUT_FORMATS = ("auto", "delta", "parquet", "jsonl", "csv", "table")
+WRITE_MODES = ("overwrite", "append")
+POOLING_MODES = ("auto", "mean", "cls", "lasttoken", "max")
+CHUNK_MODES = ("window", "truncate")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+PADDING_SIDES = ("auto", "left", "right")
+
+
+class SettingsError(ValueError):
+    """A profile or override that cannot run; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    path: str = ""
+    format: str = "auto"
+    id_col: str = "id"
+    text_col: str = "text"
+    title_col: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    path: str = ""
+    mode: str = "overwrite"
+    store_text: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = ""
+    id: str | None = None
+    pooling: str = "auto"
+    normalize: bool | None = None
+    max_length: int | None = None
+    output_dim: int | None = None
+    query_instruction: str | None = None
+    padding_side: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_tokens: int = 16384
+    max_batch_rows: int = 256
+    min_fill: float = 0.9
+
+
+@dataclass(frozen=True)
+class ChunkSettings:
+    mode: str = "window"
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 32
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    master: str = "local[*]"
+    app_name: str = "embed-corpus"
+    partitions: int | None = None
+    arrow_batch_rows: int = 10000
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    load_log_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    input: InputSettings = field(default_factory=InputSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    chunking: ChunkSettings = field(default_factory=ChunkSettings)
+    spark: SparkSettings = field(default_factory=SparkSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def profile_path(profile: str) -> Path:
+    """A profile is a YAML path, or the name of a file in conf/ (`local`, `qwen3-embedding-4b`)."""
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.exists():
+            raise SettingsError(f"config file {profile} does not exist")
+        return candidate
+    named = CONF_DIR / f"{profile}.yaml"
+    if not named.exists():
+        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        raise SettingsError(f"no profile named {profile!r}; known profiles: {known}")
+    return named
+
+
+def load_settings(
+    profile: str = DEFAULT_PROFILE,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Settings:
+    """Profile, then `--set a.b=value` overrides, then explicit flags (already dotted keys)."""
+    raw = yaml.safe_load(profile_path(profile).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SettingsError(f"profile {profile} must be a mapping of sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(raw, key, value)
+    settings = build_dataclass(Settings, raw, "")
+    validate(settings)
+    return settings
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise SettingsError(f"--set expects section.key=value, got {item!r}")
+    key, text = item.split("=", 1)
+    return key.strip(), yaml.safe_load(text) if text.strip() else None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SettingsError(f"cannot set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def build_dataclass(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{where or 'settings'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingsError(
+            f"unknown setting(s) {[_join(where, k) for k in unknown]}; "
+            f"{where or 'top level'} accepts {sorted(known)}"
+        )
+    values = {name: coerce(hints[name], raw[name], _join(where, name)) for name in raw}
+    return cls(**values)
+
+
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    options = _optional_inner(hint)
+    if options is not None:
+        return None if value is None else coerce(options, value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise SettingsError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SettingsError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SettingsError(f"{where} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SettingsError(f"{where} must be a string, got {value!r}")
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise SettingsError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    raise SettingsError(f"{where}: unsupported setting type {hint}")
+
+
+def _optional_inner(hint: Any) -> Any | None:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return None
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def validate(settings: Settings) -> None:
+    """Checks that need no I/O; inputs and model folders are checked by the job, up front."""
+    checks = [
+        ("input.format", settings.input.format, INPUT_FORMATS),
+        ("output.mode", settings.output.mode, WRITE_MODES),
+        ("model.pooling", settings.model.pooling, POOLING_MODES),
+        ("model.dtype", settings.model.dtype, DTYPES),
+        ("model.attn_implementation", settings.model.attn_implementation, ATTENTION),
+        ("model.padding_side", settings.model.padding_side, PADDING_SIDES),
+        ("chunking.mode", settings.chunking.mode, CHUNK_MODES),
+    ]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise SettingsError(f"{key} is {value!r}; choose one of {list(allowed)}")
+    required = [
+        ("input.path", settings.input.path),
+        ("output.path", settings.output.path),
+        ("model.name", settings.model.name),
+        ("input.id_col", settings.input.id_col),
+        ("input.text_col", settings.input.text_col),
+    ]
+    for key, value in required:
+        if not value:
+            raise SettingsError(f"{key} is required (set it in the profile or on the command line)")
+    positive = [
+        ("batch.max_batch_tokens", settings.batch.max_batch_tokens),
+        ("batch.max_batch_rows", settings.batch.max_batch_rows),
+        ("spark.arrow_batch_rows", settings.spark.arrow_batch_rows),
+        ("spark.partitions", settings.spark.partitions),
+        ("model.max_length", settings.model.max_length),
+        ("model.output_dim", settings.model.output_dim),
+        ("chunking.chunk_tokens", settings.chunking.chunk_tokens),
+    ]
+    for key, value in positive:
+        if value is not None and value <= 0:
+            raise SettingsError(f"{key} must be positive, got {value}")
+    if not 0.0 <= settings.batch.min_fill <= 1.0:
+        raise SettingsError(f"batch.min_fill must be within [0, 1], got {settings.batch.min_fill}")
+    chunk = settings.chunking
+    if chunk.chunk_overlap < 0:
+        raise SettingsError(f"chunking.chunk_overlap must be >= 0, got {chunk.chunk_overlap}")
+    if chunk.chunk_tokens is not None and chunk.chunk_overlap >= chunk.chunk_tokens:
+        raise SettingsError(
+            f"chunking.chunk_overlap ({chunk.chunk_overlap}) must be smaller than "
+            f"chunking.chunk_tokens ({chunk.chunk_tokens})"
+        )

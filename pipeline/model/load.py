@@ -1,0 +1,121 @@
+"""Load a model once per process and keep it: a Spark Python worker reuses it across batches,
+partitions and jobs. Every load is logged, and recorded in `load_log_dir` when one is given."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.model.encode import Encoder
+from pipeline.model.spec import ModelSpec
+
+log = logging.getLogger("pipeline.model")
+
+_resident: tuple[tuple, Encoder] | None = None
+load_count = 0
+
+
+def pick_device(requested: str, task_gpu: str | None = None) -> torch.device:
+    """The configured device; else the GPU Spark assigned to the task; else cuda:0; else CPU."""
+    if requested != "auto":
+        return torch.device(requested)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if task_gpu is not None and task_gpu.isdigit() and int(task_gpu) < torch.cuda.device_count():
+        return torch.device(f"cuda:{task_gpu}")
+    return torch.device("cuda:0")
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def pick_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    if requested != "auto":
+        return requested
+    flash_ready = importlib.util.find_spec("flash_attn") is not None
+    if flash_ready and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def get_encoder(
+    spec: ModelSpec,
+    max_batch_tokens: int,
+    max_batch_rows: int,
+    min_fill: float = 0.0,
+    task_gpu: str | None = None,
+    load_log_dir: str | None = None,
+) -> Encoder:
+    """The process's encoder for `spec`, loading it on first use. One model stays resident: a
+    different spec replaces it, so a GPU never holds two."""
+    global _resident, load_count
+    device = pick_device(spec.device, task_gpu)
+    key = (spec.path, spec.fingerprint, str(device), spec.dtype, spec.attn_implementation)
+    if _resident is not None and _resident[0] == key:
+        encoder = _resident[1]
+    else:
+        _resident = None
+        encoder = _load(spec, device, load_log_dir)
+        _resident = (key, encoder)
+    encoder.max_batch_tokens = max_batch_tokens
+    encoder.max_batch_rows = max_batch_rows
+    encoder.min_fill = min_fill
+    return encoder
+
+
+def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> Encoder:
+    global load_count
+    from transformers import AutoModel, AutoTokenizer
+
+    started = time.perf_counter()
+    dtype = pick_dtype(spec.dtype, device)
+    attention = pick_attention(spec.attn_implementation, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.path, trust_remote_code=spec.trust_remote_code, padding_side=spec.padding_side
+    )
+    model = AutoModel.from_pretrained(
+        spec.path,
+        dtype=dtype,
+        attn_implementation=attention,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=None if spec.trust_remote_code else _has_safetensors(spec.path),
+    )
+    model.to(device).eval()
+    load_count += 1
+    seconds = time.perf_counter() - started
+    record = {
+        "model_id": spec.model_id,
+        "fingerprint": spec.fingerprint,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": attention,
+        "seconds": round(seconds, 3),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "load_in_process": load_count,
+    }
+    log.info("loaded model %s", json.dumps(record))
+    if load_log_dir:
+        _append_load_record(Path(load_log_dir), record)
+    return Encoder(spec, model, tokenizer, device, 1, 1)
+
+
+def _has_safetensors(path: str) -> bool:
+    """Prefer safetensors; plain pickle weights load only where no safetensors exist."""
+    return any(Path(path).glob("*.safetensors"))
+
+
+def _append_load_record(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"loads-{record['host']}-{record['pid']}.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,255 @@
+"""What a model folder declares, read as sentence-transformers does: pooling and normalisation
+from `modules.json` and `1_Pooling/config.json`, prompts from `config_sentence_transformers.json`,
+the max length from `sentence_bert_config.json`. Plain Hugging Face folders take these from the
+profile.
+
+Only small JSON files are read here (on the driver); weights load in the workers."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ModelSettings
+
+PACKAGE_PREFIX = "package:"
+QWEN3_QUERY_TEMPLATE = "Instruct: {task}\nQuery:"
+DECODER_MODEL_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text"}
+ST_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+SUPPORTED_POOLING = {"mean", "cls", "lasttoken", "max"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+class ModelSpecError(ValueError):
+    """The model reference or folder cannot be used; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to load and run the model; small and picklable."""
+
+    model_id: str
+    path: str
+    model_type: str
+    pooling: str
+    normalize: bool
+    max_length: int
+    hidden_size: int
+    output_dim: int | None
+    padding_side: str
+    query_prompt: str
+    document_prompt: str
+    dtype: str
+    attn_implementation: str
+    device: str
+    trust_remote_code: bool
+    fingerprint: str
+
+    @property
+    def dimension(self) -> int:
+        return self.output_dim or self.hidden_size
+
+    def prompt(self, kind: str) -> str:
+        """The prefix for `query` or `document` texts."""
+        if kind not in ("query", "document"):
+            raise ValueError(f"text kind must be 'query' or 'document', got {kind!r}")
+        return self.query_prompt if kind == "query" else self.document_prompt
+
+    def table_properties(self) -> dict[str, str]:
+        return {
+            "pipeline.model_id": self.model_id,
+            "pipeline.model_fingerprint": self.fingerprint,
+            "pipeline.dimension": str(self.dimension),
+            "pipeline.pooling": self.pooling,
+            "pipeline.normalize": str(self.normalize).lower(),
+            "pipeline.query_instruction": self.query_prompt,
+            "pipeline.document_prompt": self.document_prompt,
+            "pipeline.max_length": str(self.max_length),
+        }
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local folder, `package:NAME` (an installed package with `get_model_path()`), or a hub id
+    (downloaded by huggingface_hub when the machine is online)."""
+    if name.startswith(PACKAGE_PREFIX):
+        package = name[len(PACKAGE_PREFIX) :]
+        try:
+            module = importlib.import_module(package)
+        except ImportError as error:
+            raise ModelSpecError(
+                f"model {name!r}: package {package!r} is not installed "
+                f"(pip install {package.replace('_', '-')})"
+            ) from error
+        return Path(module.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            found = sorted(p.name for p in path.iterdir())[:20]
+            raise ModelSpecError(f"model folder {path} has no config.json; it holds {found}")
+        return path.resolve()
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return _download_from_hub(name)
+    raise ModelSpecError(f"model folder {name} does not exist (and it is not a hub id org/name)")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors",
+                                                              "*.model", "*/*.json"]))
+    except Exception as error:
+        raise ModelSpecError(
+            f"model {repo_id!r} is not a local folder and could not be fetched from the hub "
+            f"({type(error).__name__}: {error}); pass the path of a downloaded model folder"
+        ) from error
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _pooling_from_folder(folder: Path) -> tuple[str | None, bool]:
+    """(pooling mode, has Normalize module) declared by sentence-transformers `modules.json`."""
+    modules = _read_json(folder / "modules.json") if (folder / "modules.json").exists() else None
+    if not modules:
+        return None, False
+    pooling = None
+    normalize = False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            config = _read_json(folder / module.get("path", "") / "config.json")
+            modes = [mode for key, mode in ST_POOLING_KEYS.items() if config.get(key)]
+            if len(modes) != 1:
+                raise ModelSpecError(f"{folder}: expected one pooling mode, found {modes}")
+            pooling = modes[0]
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return pooling, normalize
+
+
+def _default_max_length(folder: Path, config: dict[str, Any]) -> int:
+    declared = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+    if declared:
+        return int(declared)
+    limits = [config.get("max_position_embeddings")]
+    tokenizer_limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
+    if tokenizer_limit and tokenizer_limit < 1_000_000:
+        limits.append(tokenizer_limit)
+    limits = [int(x) for x in limits if x]
+    if not limits:
+        raise ModelSpecError(f"{folder}: set model.max_length (the folder declares none)")
+    return min(limits)
+
+
+def fingerprint(folder: Path, identity: dict[str, Any]) -> str:
+    """Identifies the vectors a model folder produces: config and tokenizer bytes, each weight
+    file's size and sampled blocks (cheap even for multi-GB weights), and the pooling settings."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    for name in ("config.json", *TOKENIZER_FILES):
+        path = folder / name
+        if path.exists():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(path.name.encode())
+        digest.update(_sampled_file_digest(path))
+    return digest.hexdigest()[:24]
+
+
+def _sampled_file_digest(path: Path, block: int = 1 << 20) -> bytes:
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        for offset in sorted({0, max(0, size // 2 - block // 2), max(0, size - block)}):
+            handle.seek(offset)
+            digest.update(handle.read(block))
+    return digest.digest()
+
+
+def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
+    folder = resolve_model_path(settings.name)
+    config = _read_json(folder / "config.json")
+    model_type = str(config.get("model_type", ""))
+    hidden_size = int(config.get("hidden_size") or config.get("d_model") or 0)
+    if not hidden_size:
+        raise ModelSpecError(f"{folder}/config.json declares no hidden_size")
+    folder_pooling, folder_normalize = _pooling_from_folder(folder)
+    pooling = _choose_pooling(settings.pooling, folder_pooling, model_type)
+    normalize = settings.normalize
+    if normalize is None:
+        normalize = folder_normalize if folder_pooling else True
+    output_dim = settings.output_dim
+    if output_dim is not None and output_dim > hidden_size:
+        raise ModelSpecError(f"model.output_dim {output_dim} exceeds the model's {hidden_size}")
+    query_prompt, document_prompt = _prompts(folder, settings.query_instruction)
+    padding_side = settings.padding_side
+    if padding_side == "auto":
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        default_side = "left" if pooling == "lasttoken" else "right"
+        padding_side = tokenizer_config.get("padding_side", default_side)
+    identity = {
+        "pooling": pooling,
+        "normalize": normalize,
+        "output_dim": output_dim,
+        "document_prompt": document_prompt,
+    }
+    return ModelSpec(
+        model_id=settings.id or _model_id(settings.name, folder),
+        path=str(folder),
+        model_type=model_type,
+        pooling=pooling,
+        normalize=bool(normalize),
+        max_length=settings.max_length or _default_max_length(folder, config),
+        hidden_size=hidden_size,
+        output_dim=output_dim,
+        padding_side=padding_side,
+        query_prompt=query_prompt,
+        document_prompt=document_prompt,
+        dtype=settings.dtype,
+        attn_implementation=settings.attn_implementation,
+        device=settings.device,
+        trust_remote_code=settings.trust_remote_code,
+        fingerprint=fingerprint(folder, identity),
+    )
+
+
+def _choose_pooling(configured: str, from_folder: str | None, model_type: str) -> str:
+    pooling = configured
+    if pooling == "auto":
+        pooling = from_folder or ("lasttoken" if model_type in DECODER_MODEL_TYPES else "mean")
+    if pooling not in SUPPORTED_POOLING:
+        raise ModelSpecError(
+            f"pooling {pooling!r} is not supported; set model.pooling to one of "
+            f"{sorted(SUPPORTED_POOLING)}"
+        )
+    return pooling
+
+
+def _prompts(folder: Path, query_instruction: str | None) -> tuple[str, str]:
+    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+    query = prompts.get("query", "")
+    if query_instruction:
+        query = QWEN3_QUERY_TEMPLATE.format(task=query_instruction)
+    return query, prompts.get("document", "")
+
+
+def _model_id(name: str, folder: Path) -> str:
+    if name.startswith(PACKAGE_PREFIX):
+        return name[len(PACKAGE_PREFIX) :]
+    return name if not Path(name).expanduser().exists() else folder.name

@@ -1,0 +1,103 @@
+"""Reading sources: Delta, Parquet, JSONL, CSV or a catalog table, with errors that name the
+problem before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline.config import InputSettings
+
+BUILTIN_PREFIX = "builtin:"
+TABLE_PREFIX = "table:"
+SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+
+
+class InputError(ValueError):
+    """The input cannot be read as configured; the message says what exists instead."""
+
+
+def resolve_input_path(path: str) -> str:
+    """`builtin:NAME` names a corpus shipped inside the package (`builtin:sample_corpus`)."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX):]
+        shipped = Path(__file__).resolve().parent.parent / "data" / f"{name}.jsonl"
+        if not shipped.exists():
+            raise InputError(f"no built-in corpus named {name!r}")
+        return str(shipped)
+    return path
+
+
+def detect_format(path: str) -> str:
+    if path.startswith(TABLE_PREFIX):
+        return "table"
+    local = Path(path)
+    if "://" not in path and not local.exists():
+        parent = local.parent if str(local.parent) else Path(".")
+        nearby = sorted(p.name for p in parent.iterdir())[:20] if parent.is_dir() else []
+        raise InputError(f"input {path} does not exist; {parent} holds {nearby}")
+    if (local / "_delta_log").is_dir():
+        return "delta"
+    suffix = local.suffix.lower()
+    if suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[suffix]
+    if local.is_dir():
+        suffixes = {p.suffix.lower() for p in local.rglob("*") if p.is_file()}
+        for known, fmt in SUFFIX_FORMATS.items():
+            if known in suffixes:
+                return fmt
+        raise InputError(f"cannot tell the format of {path}; set input.format (--format)")
+    return "delta"
+
+
+def read_source(spark: SparkSession, settings: InputSettings) -> DataFrame:
+    path = resolve_input_path(settings.path)
+    fmt = detect_format(path) if settings.format == "auto" else settings.format
+    try:
+        df = _read(spark, path, fmt)
+        columns = df.columns
+    except InputError:
+        raise
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InputError(f"cannot read {path} as {fmt}: {type(error).__name__}: {first_line}"
+                         ) from error
+    wanted = {"input.id_col": settings.id_col, "input.text_col": settings.text_col,
+              "input.title_col": settings.title_col}
+    missing = [f"{key}={name!r}" for key, name in wanted.items() if name and name not in columns]
+    if missing:
+        raise InputError(f"{path} ({fmt}) has no column {', '.join(missing)}; it has {columns}")
+    return df
+
+
+def _read(spark: SparkSession, path: str, fmt: str) -> DataFrame:
+    if fmt == "table":
+        return spark.table(path.removeprefix(TABLE_PREFIX))
+    if fmt == "jsonl":
+        return spark.read.json(path)
+    if fmt == "csv":
+        return (spark.read.option("header", True).option("multiLine", True)
+                .option("escape", '"').csv(path))
+    return spark.read.format(fmt).load(path)
+
+
+def documents(df: DataFrame, settings: InputSettings) -> DataFrame:
+    """The source as (doc_id, title, text) strings, the columns the embedding step reads."""
+    title: Column = (F.col(settings.title_col).cast("string") if settings.title_col
+                     else F.lit(None).cast("string"))
+    return df.select(
+        F.col(settings.id_col).cast("string").alias("doc_id"),
+        title.alias("title"),
+        F.col(settings.text_col).cast("string").alias("text"),
+    )
+
+
+def reject_reason() -> Column:
+    """Why a document cannot be embedded, or null when it can."""
+    return (F.when(F.col("doc_id").isNull(), F.lit("null id"))
+            .when(F.col("text").isNull(), F.lit("null text"))
+            .when(F.regexp_replace("text", r"[\s\x00-\x1f\ufeff]", "") == "",
+                  F.lit("empty or whitespace-only text")))
+
