@@ -11,23 +11,12 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import DEFAULT_PROFILE, SettingsError, load_settings
+from pipeline.config import DEFAULT_PROFILE, FLAG_KEYS, SettingsError, load_settings
 from pipeline.embed import run_embedding
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
 from pipeline.store.delta import ModelMismatchError
-
-FLAG_KEYS = {
-    "input": "input.path",
-    "output": "output.path",
-    "model": "model.name",
-    "format": "input.format",
-    "id_col": "input.id_col",
-    "text_col": "input.text_col",
-    "title_col": "input.title_col",
-    "mode": "output.mode",
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

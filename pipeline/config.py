@@ -22,6 +22,17 @@ CHUNK_MODES = ("window", "truncate")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 PADDING_SIDES = ("auto", "left", "right")
+# The common command-line flags and the settings they set.
+FLAG_KEYS = {
+    "input": "input.path",
+    "output": "output.path",
+    "model": "model.name",
+    "format": "input.format",
+    "id_col": "input.id_col",
+    "text_col": "input.text_col",
+    "title_col": "input.title_col",
+    "mode": "output.mode",
+}
 
 
 class SettingsError(ValueError):

@@ -39,12 +39,38 @@ class Chunk:
     char_end: int
 
 
-def window_starts(n_tokens: int, window: int, overlap: int) -> range:
-    """Start token of each window: consecutive windows share `overlap` tokens, the last one ends
-    at the last token, and no window holds only tokens that its predecessor already had."""
+def token_windows(
+    offsets: Sequence[tuple[int, int]], text: str, window: int, overlap: int
+) -> list[tuple[int, int]]:
+    """[start, end) token ranges of at most `window` tokens that cover every token. Consecutive
+    windows share at least `overlap` tokens. Cuts move back to a word boundary when one lies
+    within a quarter window, so chunks do not start or end inside a word."""
     if overlap >= window:
         raise ValueError(f"overlap ({overlap}) must be smaller than the window ({window})")
-    return range(0, max(n_tokens - overlap, 1), window - overlap)
+    n_tokens = len(offsets)
+    slack = window // 4
+    windows: list[tuple[int, int]] = []
+    start, previous_end = 0, 0
+    while True:
+        end = min(start + window, n_tokens)
+        if end < n_tokens:
+            floor = max(start + 1, end - slack, previous_end + 1)
+            end = _word_start(offsets, text, end, floor)
+        windows.append((start, end))
+        if end >= n_tokens:
+            return windows
+        next_start = end - overlap
+        start = max(_word_start(offsets, text, next_start, next_start - slack), start + 1)
+        previous_end = end
+
+
+def _word_start(offsets: Sequence[tuple[int, int]], text: str, index: int, floor: int) -> int:
+    """The nearest token at or before `index` (not before `floor`) that begins a word."""
+    for candidate in range(index, floor - 1, -1):
+        char = offsets[candidate][0]
+        if char == 0 or text[char - 1].isspace() or offsets[candidate - 1][1] < char:
+            return candidate
+    return index
 
 
 def chunk_text(
@@ -58,7 +84,7 @@ def chunk_text(
     """Split `text` by its content tokens' character `offsets` (no special tokens).
 
     A text of at most `capacity` tokens is one chunk, the whole text. Longer texts are cut into
-    windows of `window` tokens, or, with `truncate`, cut to their first `capacity` tokens.
+    windows of at most `window` tokens, or, with `truncate`, cut to their first `capacity` tokens.
     """
     n_tokens = len(offsets)
     if n_tokens <= capacity:
@@ -67,9 +93,8 @@ def chunk_text(
         end = offsets[capacity - 1][1]
         return [Chunk(0, text[:end], 0, end)]
     chunks = []
-    for index, start in enumerate(window_starts(n_tokens, window, overlap)):
-        last = min(start + window, n_tokens) - 1
+    for index, (start, end) in enumerate(token_windows(offsets, text, window, overlap)):
         char_start = offsets[start][0]
-        char_end = max(offsets[last][1], char_start)
+        char_end = max(offsets[end - 1][1], char_start)
         chunks.append(Chunk(index, text[char_start:char_end], char_start, char_end))
     return chunks

