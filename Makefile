@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# As after `source .venv/bin/activate`: spark-submit finds its Spark through `python3`.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup quickstart test lint
 

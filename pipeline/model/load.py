@@ -76,7 +76,9 @@ def get_encoder(
 def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> Encoder:
     global load_count
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     dtype = pick_dtype(spec.dtype, device)
     attention = pick_attention(spec.attn_implementation, device, dtype)

@@ -1,0 +1,54 @@
+"""The job as a user runs it: `spark-submit jobs/embed_corpus.py` in its own JVM and processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deltalake import DeltaTable
+
+from tests.conftest import REPO, SAMPLE_CORPUS
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def run_job(launcher: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # As in an activated virtual environment: spark-submit finds its Spark through `python3`.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([*launcher, str(REPO / "jobs" / "embed_corpus.py"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_spark_submit_embeds_the_sample_corpus_like_the_encoder(tmp_path, minilm_encoder):
+    """With no arguments: the local profile, the shipped corpus, ./data/sample_vectors."""
+    done = run_job([str(BIN / "spark-submit")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    documents = len(SAMPLE_CORPUS.read_text().splitlines())
+    assert summary["documents_read"] == summary["documents_embedded"] == documents
+    assert summary["rejected"] == 0 and summary["padding_efficiency"] >= 0.9
+    assert "partition" in done.stderr and "tokens/s" in done.stderr, "progress is logged"
+
+    table = DeltaTable(str(tmp_path / "data" / "sample_vectors"))
+    rows = table.to_pandas()
+    assert len(rows) == summary["chunks_written"] and table.version() == summary["table_version"]
+    vectors = np.stack(rows["embedding"].to_numpy()).astype(np.float32)
+    assert vectors.shape[1] == 384
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    sample = rows.sample(n=60, random_state=0)
+    reference = minilm_encoder.embed(sample["chunk_text"].tolist())
+    assert np.abs(np.stack(sample["embedding"].to_numpy()) - reference).max() <= 1e-5
+
+
+def test_python_job_rejects_a_missing_column_naming_what_exists(tmp_path):
+    done = run_job([sys.executable], "--text-col", "body", "--output", str(tmp_path / "out"),
+                   cwd=tmp_path)
+    assert done.returncode == 2
+    assert "no column input.text_col='body'" in done.stderr and "'_id'" in done.stderr
+    assert not (tmp_path / "out").exists()
