@@ -55,7 +55,17 @@ def get_spark(settings: SparkSettings) -> SparkSession:
         builder = builder.master(settings.master)
     for key, value in {**conf, **settings.conf}.items():
         builder = builder.config(key, value)
-    return builder.getOrCreate()
+    spark = builder.getOrCreate()
+    _quiet_spark_logs(spark)
+    return spark
+
+
+def _quiet_spark_logs(spark: SparkSession) -> None:
+    """Spark logs at INFO under spark-submit by default; keep the console to progress and ours."""
+    try:
+        spark.sparkContext.setLogLevel("WARN")
+    except Exception:  # Spark Connect: no SparkContext, the server owns its logs
+        log.debug("log level left to the Spark Connect server")
 
 
 def default_parallelism(spark: SparkSession) -> int:
