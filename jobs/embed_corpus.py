@@ -16,7 +16,7 @@ from pipeline.embed import run_embedding
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
-from pipeline.store.delta import ModelMismatchError
+from pipeline.store.delta import CommitConflictError, ModelMismatchError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,8 +26,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override any setting; repeatable")
     for flag in FLAG_KEYS:
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag,
-                            help=f"sets {FLAG_KEYS[flag]}")
+        if flag != "delete_missing":
+            parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag,
+                                help=f"sets {FLAG_KEYS[flag]}")
+    parser.add_argument("--delete-missing", action=argparse.BooleanOptionalAction, default=None,
+                        help="delete documents missing from the source (default: yes for "
+                             "input.snapshot=full, no for partial)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (new, changed, unchanged, deleted) and write nothing")
     return parser.parse_args(argv)
 
 
@@ -41,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, args.overrides,
                                  {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()})
         spark = get_spark(settings.spark)
-        summary = run_embedding(spark, settings)
-    except (SettingsError, InputError, ModelSpecError, ModelMismatchError) as error:
+        summary = run_embedding(spark, settings, dry_run=args.dry_run)
+    except (SettingsError, InputError, ModelSpecError, ModelMismatchError,
+            CommitConflictError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary.to_json(), flush=True)

@@ -16,7 +16,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_PROFILE = "local"
 
 INPUT_FORMATS = ("auto", "delta", "parquet", "jsonl", "csv", "table")
-WRITE_MODES = ("overwrite", "append")
+WRITE_MODES = ("incremental", "overwrite", "append")
+SNAPSHOTS = ("full", "partial")
+DUPLICATE_POLICIES = ("fail", "keep_last")
 POOLING_MODES = ("auto", "mean", "cls", "lasttoken", "max")
 CHUNK_MODES = ("window", "truncate")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -32,6 +34,7 @@ FLAG_KEYS = {
     "text_col": "input.text_col",
     "title_col": "input.title_col",
     "mode": "output.mode",
+    "delete_missing": "output.delete_missing",
 }
 
 
@@ -46,13 +49,24 @@ class InputSettings:
     id_col: str = "id"
     text_col: str = "text"
     title_col: str | None = None
+    snapshot: str = "full"
+    duplicates: str = "fail"
+    order_col: str | None = None
+    max_text_bytes: int = 1_000_000
 
 
 @dataclass(frozen=True)
 class OutputSettings:
     path: str = ""
-    mode: str = "overwrite"
+    mode: str = "incremental"
     store_text: bool = True
+    delete_missing: bool | None = None
+    wave_docs: int = 50_000
+    commit_retries: int = 3
+
+    def deletes_missing(self, snapshot: str) -> bool:
+        """Documents gone from a full snapshot are deleted; a partial source deletes nothing."""
+        return self.delete_missing if self.delete_missing is not None else snapshot == "full"
 
 
 @dataclass(frozen=True)
@@ -227,6 +241,8 @@ def validate(settings: Settings) -> None:
     checks = [
         ("input.format", settings.input.format, INPUT_FORMATS),
         ("output.mode", settings.output.mode, WRITE_MODES),
+        ("input.snapshot", settings.input.snapshot, SNAPSHOTS),
+        ("input.duplicates", settings.input.duplicates, DUPLICATE_POLICIES),
         ("model.pooling", settings.model.pooling, POOLING_MODES),
         ("model.dtype", settings.model.dtype, DTYPES),
         ("model.attn_implementation", settings.model.attn_implementation, ATTENTION),
@@ -250,6 +266,8 @@ def validate(settings: Settings) -> None:
         ("batch.max_batch_tokens", settings.batch.max_batch_tokens),
         ("batch.max_batch_rows", settings.batch.max_batch_rows),
         ("spark.arrow_batch_rows", settings.spark.arrow_batch_rows),
+        ("output.wave_docs", settings.output.wave_docs),
+        ("input.max_text_bytes", settings.input.max_text_bytes),
         ("spark.partitions", settings.spark.partitions),
         ("model.max_length", settings.model.max_length),
         ("model.output_dim", settings.model.output_dim),
@@ -260,6 +278,11 @@ def validate(settings: Settings) -> None:
             raise SettingsError(f"{key} must be positive, got {value}")
     if not 0.0 <= settings.batch.min_fill <= 1.0:
         raise SettingsError(f"batch.min_fill must be within [0, 1], got {settings.batch.min_fill}")
+    if settings.input.duplicates == "keep_last" and not settings.input.order_col:
+        raise SettingsError("input.duplicates=keep_last needs input.order_col (the column whose "
+                            "largest value wins)")
+    if settings.output.commit_retries < 0:
+        raise SettingsError("output.commit_retries must be >= 0")
     chunk = settings.chunking
     if chunk.chunk_overlap < 0:
         raise SettingsError(f"chunking.chunk_overlap must be >= 0, got {chunk.chunk_overlap}")

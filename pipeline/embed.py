@@ -1,37 +1,84 @@
-"""One embedding run: read -> check -> embed -> write -> summary."""
+"""One embedding run: read -> quarantine -> plan -> embed in waves -> write -> summary.
+
+Incremental runs compare each source document's content hash with the table and embed only new
+and changed documents, committing one wave of documents at a time through a Delta MERGE keyed by
+(doc_id, chunk_index). A run killed at any moment leaves only whole waves behind, and the same
+command run again plans what is still missing, so it finishes the work without duplicates."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 
-from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipeline.config import Settings
+from pipeline.config import InputSettings, Settings
 from pipeline.model.spec import ModelSpec, resolve_model_spec
-from pipeline.spark.io import documents, read_source, reject_reason
+from pipeline.spark.io import InputError, documents, read_source
 from pipeline.spark.session import default_parallelism
 from pipeline.spark.udf import CHUNK_DDL, WorkerSpec, chunk_and_embed
-from pipeline.store.delta import VECTOR_COLUMNS, TableRef, write_vectors
+from pipeline.store.delta import (
+    VECTOR_COLUMNS,
+    VECTOR_DDL,
+    TableRef,
+    delete_documents,
+    merge_documents,
+    prepare_table,
+    with_commit_retries,
+    write_vectors,
+)
+from pipeline.store.runs import append_run, write_rejects
 
 log = logging.getLogger("pipeline.embed")
+
+TO_EMBED = ("new", "changed")
+
+
+@dataclass
+class RunPlan:
+    """What an incremental run will do, by document."""
+
+    documents_read: int = 0
+    rejected: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    delete_missing: bool = True
+    waves: int = 0
+
+    @property
+    def to_embed(self) -> int:
+        return self.new + self.changed
+
+    def to_json(self) -> str:
+        return json.dumps({"dry_run": True, **asdict(self)}, sort_keys=True)
 
 
 @dataclass
 class RunSummary:
     run_id: str
+    mode: str
     output: str
     model_id: str
     model_fingerprint: str
     dimension: int
     documents_read: int
+    documents_new: int
+    documents_changed: int
+    documents_unchanged: int
+    documents_deleted: int
     documents_embedded: int
     chunks_written: int
     rejected: int
+    waves: int
     tokens: int
     padded_tokens: int
     padding_efficiency: float
@@ -41,6 +88,35 @@ class RunSummary:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class ChunkTotals:
+    documents: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    padded: int = 0
+
+    def add(self, other: ChunkTotals) -> None:
+        for name in ("documents", "chunks", "tokens", "padded"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class Run:
+    """The state one run carries from step to step."""
+
+    spark: SparkSession
+    settings: Settings
+    spec: ModelSpec
+    table: TableRef
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    clock: float = field(default_factory=time.perf_counter)
+
+    @property
+    def partitions(self) -> int:
+        return self.settings.spark.partitions or default_parallelism(self.spark)
 
 
 def worker_spec(settings: Settings, spec: ModelSpec) -> WorkerSpec:
@@ -58,78 +134,218 @@ def worker_spec(settings: Settings, spec: ModelSpec) -> WorkerSpec:
 
 
 def embed_documents(docs: DataFrame, worker: WorkerSpec, partitions: int) -> DataFrame:
-    """Valid documents -> chunk rows with vectors (doc_id, chunk_index, ..., embedding)."""
-    return docs.repartition(partitions).mapInArrow(chunk_and_embed(worker), CHUNK_DDL)
+    """Documents (doc_id, text, content_hash) -> chunk rows with vectors."""
+    return (docs.select("doc_id", "text", "content_hash").repartition(partitions)
+            .mapInArrow(chunk_and_embed(worker), CHUNK_DDL))
 
 
-def run_embedding(spark: SparkSession, settings: Settings) -> RunSummary:
-    started = time.perf_counter()
-    run_id = uuid.uuid4().hex[:16]
-    source = documents(read_source(spark, settings.input), settings.input)
-    spec = resolve_model_spec(settings.model)
-    table = TableRef.parse(settings.output.path)
-    partitions = settings.spark.partitions or default_parallelism(spark)
-    log.info("run %s: %s -> %s with %s (%d-d, %s pooling), %d partitions", run_id,
-             settings.input.path, table.location, spec.model_id, spec.dimension, spec.pooling,
-             partitions)
+def run_embedding(spark: SparkSession, settings: Settings, dry_run: bool = False
+                  ) -> RunSummary | RunPlan:
+    """Everything is checked (source, columns, model folder, model guard) before any embedding;
+    the run is recorded in `<output>_runs`, as failed too when it fails."""
+    flagged = flag_rows(read_source(spark, settings.input), settings.input)
+    run = Run(spark, settings, resolve_model_spec(settings.model),
+              TableRef.parse(settings.output.path))
+    if dry_run:
+        plan, planned = make_plan(run, flagged, table_exists=run.table.exists(spark))
+        planned.unpersist()
+        return plan
+    plan = RunPlan()
+    try:
+        summary, plan = _run(run, flagged)
+    except Exception as error:
+        append_run(spark, run.table, run_record(run, plan, None, "failed", repr(error)))
+        raise
+    finally:
+        flagged.unpersist()
+    append_run(spark, run.table, run_record(run, plan, summary, "succeeded", None))
+    return summary
 
-    checked = source.withColumn("reject_reason", reject_reason())
-    rejected = _write_rejects(spark, table, checked, run_id)
 
-    read_stats = Observation("documents_read")
-    valid = (checked.observe(read_stats, F.count(F.lit(1)).alias("documents_read"))
-             .where(F.col("reject_reason").isNull()).drop("reject_reason"))
-    chunks = embed_documents(valid, worker_spec(settings, spec), partitions)
-    write_stats = Observation("chunks_written")
-    chunks = chunks.observe(
-        write_stats,
-        F.count(F.lit(1)).alias("chunks"),
+def _run(run: Run, flagged: DataFrame) -> tuple[RunSummary, RunPlan]:
+    mode = run.settings.output.mode
+    properties = run.spec.table_properties()
+    existed = prepare_table(run.spark, run.table, run.spark.createDataFrame([], VECTOR_DDL),
+                            mode, properties)
+    plan, planned = make_plan(run, flagged, table_exists=existed and mode == "incremental")
+    log.info("run %s (%s): %s", run.run_id, mode, plan.to_json())
+    write_rejects(run.spark, run.table, flagged, run.run_id, plan.rejected)
+    try:
+        if mode == "incremental":
+            totals = embed_in_waves(run, plan, planned)
+            version = run.table.version(run.spark)
+        else:
+            observation = Observation("chunks")
+            chunks = observed_chunks(run, planned.where(F.col("status") == "new"))
+            chunks = chunks.observe(observation, *_total_columns()).select(*VECTOR_COLUMNS)
+            version = write_vectors(run.spark, run.table, chunks, mode, properties)
+            totals = _totals(observation.get)
+    finally:
+        planned.unpersist()
+    return summarize(run, plan, totals, version), plan
+
+
+def flag_rows(source: DataFrame, settings: InputSettings) -> DataFrame:
+    """Every source row with its document text, hash and reject reason (null when valid);
+    duplicate ids fail the run or, with keep_last, reject all but the last row per id."""
+    docs = documents(source, settings)
+    valid = F.col("reject_reason").isNull()
+    if settings.duplicates == "fail":
+        _fail_on_duplicate_ids(docs.where(valid))
+        flagged = docs
+    else:
+        latest = Window.partitionBy("doc_id").orderBy(
+            F.when(valid, 0).otherwise(1), F.col("order_key").desc_nulls_last())
+        superseded = valid & (F.row_number().over(latest) > 1)
+        flagged = docs.withColumn("reject_reason", F.when(
+            superseded, F.lit(f"duplicate id, superseded by a later {settings.order_col}")
+        ).otherwise(F.col("reject_reason")))
+    return flagged.drop("order_key").persist(StorageLevel.DISK_ONLY)
+
+
+def _fail_on_duplicate_ids(valid: DataFrame) -> None:
+    duplicates = (valid.groupBy("doc_id").count().where(F.col("count") > 1)
+                  .orderBy(F.col("count").desc()).limit(5).collect())
+    if duplicates:
+        listed = ", ".join(f"{row['doc_id']!r} x{row['count']}" for row in duplicates)
+        raise InputError(
+            f"duplicate document ids in the source: {listed}; deduplicate the source, or set "
+            "input.duplicates=keep_last with input.order_col to keep the latest row per id"
+        )
+
+
+def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan, DataFrame]:
+    """Classify documents against the table: new, changed, unchanged, deleted. Returns the counts
+    and the persisted plan (doc_id, text, content_hash, status); text only where it is needed."""
+    source = flagged.where(F.col("reject_reason").isNull()).select("doc_id", "text",
+                                                                   "content_hash")
+    if table_exists:
+        stored = (run.table.delta(run.spark).toDF().where(F.col("chunk_index") == 0)
+                  .select("doc_id", F.col("content_hash").alias("stored_hash")))
+        planned = source.join(stored, "doc_id", "full_outer").withColumn("status", _status())
+    else:
+        planned = source.withColumn("status", F.lit("new"))
+    planned = (planned.withColumn("text", F.when(F.col("status").isin(*TO_EMBED), F.col("text")))
+               .select("doc_id", "text", "content_hash", "status")
+               .persist(StorageLevel.DISK_ONLY))
+    counts = {row["status"]: row["count"] for row in planned.groupBy("status").count().collect()}
+    rejected = flagged.where(F.col("reject_reason").isNotNull()).count()
+    plan = RunPlan(
+        rejected=rejected,
+        new=counts.get("new", 0),
+        changed=counts.get("changed", 0),
+        unchanged=counts.get("unchanged", 0),
+        deleted=counts.get("deleted", 0),
+        delete_missing=run.settings.output.deletes_missing(run.settings.input.snapshot),
+    )
+    plan.documents_read = plan.to_embed + plan.unchanged + rejected
+    plan.waves = math.ceil(plan.to_embed / run.settings.output.wave_docs)
+    return plan, planned
+
+
+def _status() -> Column:
+    return (F.when(F.col("stored_hash").isNull(), F.lit("new"))
+            .when(F.col("content_hash").isNull(), F.lit("deleted"))
+            .when(F.col("content_hash") == F.col("stored_hash"), F.lit("unchanged"))
+            .otherwise(F.lit("changed")))
+
+
+def embed_in_waves(run: Run, plan: RunPlan, planned: DataFrame) -> ChunkTotals:
+    """Embed and MERGE wave after wave, each wave one commit; then delete missing documents."""
+    totals = ChunkTotals()
+    retries = run.settings.output.commit_retries
+    for wave in range(plan.waves):
+        in_wave = F.pmod(F.xxhash64("doc_id"), F.lit(plan.waves)) == wave
+        docs = planned.where(F.col("status").isin(*TO_EMBED) & in_wave)
+        chunks = observed_chunks(run, docs).persist(StorageLevel.DISK_ONLY)
+        try:
+            wave_totals = _observed_totals(chunks)
+            with_commit_retries(
+                lambda c=chunks, d=docs: merge_documents(run.spark, run.table, c,
+                                                         d.select("doc_id")),
+                f"wave {wave + 1}/{plan.waves}", retries)
+        finally:
+            chunks.unpersist()
+        totals.add(wave_totals)
+        log.info("run %s: wave %d/%d committed: %d documents, %d chunks", run.run_id, wave + 1,
+                 plan.waves, wave_totals.documents, wave_totals.chunks)
+    if plan.delete_missing and plan.deleted:
+        gone = planned.where(F.col("status") == "deleted").select("doc_id")
+        with_commit_retries(lambda: delete_documents(run.spark, run.table, gone),
+                            "deleting missing documents", retries)
+    return totals
+
+
+def observed_chunks(run: Run, docs: DataFrame) -> DataFrame:
+    """Chunk rows with provenance columns, plus `padded_tokens` for the padding account."""
+    chunks = embed_documents(docs, worker_spec(run.settings, run.spec), run.partitions)
+    return (chunks.withColumn("model_id", F.lit(run.spec.model_id))
+            .withColumn("model_fingerprint", F.lit(run.spec.fingerprint))
+            .withColumn("embedded_at", F.current_timestamp())
+            .withColumn("run_id", F.lit(run.run_id))
+            .select(*VECTOR_COLUMNS, "padded_tokens"))
+
+
+def _total_columns() -> list[Column]:
+    return [
         F.sum(F.when(F.col("chunk_index") == 0, 1).otherwise(0)).alias("documents"),
+        F.count(F.lit(1)).alias("chunks"),
         F.sum("token_count").alias("tokens"),
         F.sum("padded_tokens").alias("padded"),
-    )
-    rows = (chunks.withColumn("model_id", F.lit(spec.model_id))
-            .withColumn("model_fingerprint", F.lit(spec.fingerprint))
-            .withColumn("embedded_at", F.current_timestamp())
-            .withColumn("run_id", F.lit(run_id))
-            .select(*VECTOR_COLUMNS))
-    version = write_vectors(spark, table, rows, settings.output.mode, spec.table_properties())
+    ]
 
-    written = write_stats.get
-    seconds = time.perf_counter() - started
-    tokens = int(written.get("tokens") or 0)
-    padded = int(written.get("padded") or 0)
+
+def _totals(row) -> ChunkTotals:
+    return ChunkTotals(*(int(row[name] or 0) for name in ("documents", "chunks", "tokens",
+                                                          "padded")))
+
+
+def _observed_totals(chunks: DataFrame) -> ChunkTotals:
+    """Totals of a persisted chunk frame; computing them materialises it."""
+    return _totals(chunks.agg(*_total_columns()).collect()[0])
+
+
+def summarize(run: Run, plan: RunPlan, totals: ChunkTotals, version: int) -> RunSummary:
+    seconds = time.perf_counter() - run.clock
     return RunSummary(
-        run_id=run_id,
-        output=table.location,
-        model_id=spec.model_id,
-        model_fingerprint=spec.fingerprint,
-        dimension=spec.dimension,
-        documents_read=int(read_stats.get.get("documents_read") or 0),
-        documents_embedded=int(written.get("documents") or 0),
-        chunks_written=int(written.get("chunks") or 0),
-        rejected=rejected,
-        tokens=tokens,
-        padded_tokens=padded,
-        padding_efficiency=round(tokens / padded, 4) if padded else 1.0,
+        run_id=run.run_id,
+        mode=run.settings.output.mode,
+        output=run.table.location,
+        model_id=run.spec.model_id,
+        model_fingerprint=run.spec.fingerprint,
+        dimension=run.spec.dimension,
+        documents_read=plan.documents_read,
+        documents_new=plan.new,
+        documents_changed=plan.changed,
+        documents_unchanged=plan.unchanged,
+        documents_deleted=plan.deleted if plan.delete_missing else 0,
+        documents_embedded=totals.documents,
+        chunks_written=totals.chunks,
+        rejected=plan.rejected,
+        waves=plan.waves,
+        tokens=totals.tokens,
+        padded_tokens=totals.padded,
+        padding_efficiency=round(totals.tokens / totals.padded, 4) if totals.padded else 1.0,
         seconds=round(seconds, 2),
-        tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
+        tokens_per_second=round(totals.tokens / seconds, 1) if seconds else 0.0,
         table_version=version,
     )
 
 
-def _write_rejects(spark: SparkSession, table: TableRef, checked: DataFrame, run_id: str) -> int:
-    """Quarantine rows that cannot be embedded in `<output>_rejects`, with the reason."""
-    stats = Observation("rejected")
-    rejects = (checked.where(F.col("reject_reason").isNotNull())
-               .observe(stats, F.count(F.lit(1)).alias("rejected"))
-               .select("doc_id", F.col("reject_reason").alias("reason"),
-                       F.substring("text", 1, 1000).alias("text_prefix"),
-                       F.lit(run_id).alias("run_id"),
-                       F.current_timestamp().alias("rejected_at")))
-    rejects_table = table.sibling("_rejects")
-    rejects_table.write(rejects, "append")
-    count = int(stats.get.get("rejected") or 0)
-    if count:
-        log.warning("run %s: %d rows rejected, see %s", run_id, count, rejects_table.location)
-    return count
+def run_record(run: Run, plan: RunPlan, summary: RunSummary | None, status: str,
+               error: str | None) -> dict:
+    return {
+        "run_id": run.run_id,
+        "started_at": run.started_at,
+        "ended_at": datetime.now(timezone.utc),
+        "status": status,
+        "mode": run.settings.output.mode,
+        "plan": json.dumps(asdict(plan), sort_keys=True),
+        "chunks_written": summary.chunks_written if summary else None,
+        "tokens": summary.tokens if summary else None,
+        "seconds": round(time.perf_counter() - run.clock, 2),
+        "model_fingerprint": run.spec.fingerprint,
+        "config": json.dumps(run.settings.to_dict(), sort_keys=True),
+        "table_version": summary.table_version if summary else None,
+        "error": error,
+    }

@@ -83,21 +83,48 @@ def _read(spark: SparkSession, path: str, fmt: str) -> DataFrame:
     return spark.read.format(fmt).load(path)
 
 
+# Java regex twins of pipeline.text: control characters and BOM; Unicode whitespace.
+_SQL_CONTROL_CHARS = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f\\x{feff}]"
+_SQL_EDGE_SPACE = "(?U)^\\s+|\\s+$"
+_SQL_ANY_SPACE = "(?U)\\s"
+
+
+def clean_column(column: Column) -> Column:
+    return F.regexp_replace(column, _SQL_CONTROL_CHARS, " ")
+
+
+def document_text_column(text: Column, title: Column) -> Column:
+    """pipeline.text.document_text in Spark SQL: the planner hashes the same text the workers
+    embed, without a Python UDF."""
+    clean = clean_column
+    blank_title = title.isNull() | (F.regexp_replace(title, _SQL_ANY_SPACE, "") == "")
+    joined = F.regexp_replace(clean(F.concat(title, F.lit(" "), text)), _SQL_EDGE_SPACE, "")
+    return F.when(blank_title, clean(text)).otherwise(joined)
+
+
 def documents(df: DataFrame, settings: InputSettings) -> DataFrame:
-    """The source as (doc_id, title, text) strings, the columns the embedding step reads."""
+    """The source as (doc_id, text, order) plus the reason a row cannot be embedded; `text` is
+    the document text to embed and `content_hash` its sha256."""
     title: Column = (F.col(settings.title_col).cast("string") if settings.title_col
                      else F.lit(None).cast("string"))
-    return df.select(
+    order = F.col(settings.order_col) if settings.order_col else F.lit(None)
+    raw_text = F.col(settings.text_col).cast("string")
+    docs = df.select(
         F.col(settings.id_col).cast("string").alias("doc_id"),
-        title.alias("title"),
-        F.col(settings.text_col).cast("string").alias("text"),
+        raw_text.alias("raw_text"),
+        document_text_column(raw_text, title).alias("text"),
+        order.alias("order_key"),
     )
+    return (docs.withColumn("content_hash", F.sha2("text", 256))
+            .withColumn("reject_reason", reject_reason(settings.max_text_bytes))
+            .drop("raw_text"))
 
 
-def reject_reason() -> Column:
+def reject_reason(max_text_bytes: int) -> Column:
     """Why a document cannot be embedded, or null when it can."""
     return (F.when(F.col("doc_id").isNull(), F.lit("null id"))
-            .when(F.col("text").isNull(), F.lit("null text"))
-            .when(F.regexp_replace("text", r"[\s\x00-\x1f\ufeff]", "") == "",
-                  F.lit("empty or whitespace-only text")))
-
+            .when(F.col("raw_text").isNull(), F.lit("null text"))
+            .when(F.regexp_replace(clean_column(F.col("raw_text")), _SQL_ANY_SPACE, "") == "",
+                  F.lit("empty or whitespace-only text"))
+            .when(F.octet_length("raw_text") > max_text_bytes,
+                  F.lit(f"text over {max_text_bytes} bytes")))

@@ -16,11 +16,10 @@ import pyarrow as pa
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import ModelSpec
-from pipeline.text import content_hash, document_text
 
 log = logging.getLogger("pipeline.spark.udf")
 
-INPUT_COLUMNS = ("doc_id", "title", "text")
+INPUT_COLUMNS = ("doc_id", "text", "content_hash")
 CHUNK_SCHEMA = pa.schema([
     ("doc_id", pa.string()),
     ("chunk_index", pa.int32()),
@@ -72,11 +71,11 @@ def worker_encoder(spec: WorkerSpec) -> Encoder:
 
 def embed_record_batch(encoder: Encoder, spec: WorkerSpec, batch: pa.RecordBatch,
                        stats: EncodeStats) -> pa.RecordBatch:
-    """Documents (doc_id, title, text) -> one row per chunk with its vector."""
+    """Documents (doc_id, text, content_hash) -> one row per chunk with its vector. `text` is
+    already the document text (pipeline.spark.io.documents)."""
     ids = batch.column("doc_id").to_pylist()
-    titles = batch.column("title").to_pylist()
-    texts = [document_text(text, title)
-             for text, title in zip(batch.column("text").to_pylist(), titles, strict=True)]
+    texts = batch.column("text").to_pylist()
+    hashes = batch.column("content_hash").to_pylist()
     window = spec.chunk_tokens or encoder.content_capacity
     per_doc = encoder.chunk(texts, window, spec.chunk_overlap, spec.chunk_mode == "truncate")
     owners = [doc for doc, chunks in enumerate(per_doc) for _ in chunks]
@@ -86,7 +85,6 @@ def embed_record_batch(encoder: Encoder, spec: WorkerSpec, batch: pa.RecordBatch
     vectors, padded = encoder.embed_ids(token_ids)
     token_counts = np.fromiter((len(row) for row in token_ids), dtype=np.int32, count=len(chunks))
     stats.add(token_counts, padded)
-    hashes = [content_hash(text) for text in texts]
     columns = [
         pa.array([ids[doc] for doc in owners], pa.string()),
         pa.array([chunk.index for chunk in chunks], pa.int32()),

@@ -3,15 +3,33 @@ table properties) and the rejects beside them."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from delta import exceptions as delta_errors
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
-VECTOR_COLUMNS = (
-    "doc_id", "chunk_index", "chunk_text", "char_start", "char_end", "token_count", "embedding",
-    "content_hash", "model_id", "model_fingerprint", "embedded_at", "run_id",
+VECTOR_DDL = (
+    "doc_id string, chunk_index int, chunk_text string, char_start int, char_end int, "
+    "token_count int, embedding array<float>, content_hash string, model_id string, "
+    "model_fingerprint string, embedded_at timestamp, run_id string"
+)
+VECTOR_COLUMNS = tuple(part.split()[0] for part in VECTOR_DDL.split(", "))
+
+
+log = logging.getLogger("pipeline.store")
+T = TypeVar("T")
+CONFLICTS = (
+    delta_errors.DeltaConcurrentModificationException, delta_errors.ConcurrentWriteException,
+    delta_errors.MetadataChangedException, delta_errors.ProtocolChangedException,
+    delta_errors.ConcurrentAppendException, delta_errors.ConcurrentDeleteReadException,
+    delta_errors.ConcurrentDeleteDeleteException, delta_errors.ConcurrentTransactionException,
 )
 
 
@@ -84,6 +102,29 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
+class CommitConflictError(RuntimeError):
+    """Another writer kept winning the race for the table; a rerun converges."""
+
+
+def with_commit_retries(action: Callable[[], T], what: str, retries: int) -> T:
+    """Run a Delta commit; when a concurrent writer wins, wait and try again (each try re-reads
+    the table, so it merges against what the winner wrote)."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except CONFLICTS as error:
+            if attempt == retries:
+                raise CommitConflictError(
+                    f"{what}: another writer changed the table {retries + 1} times in a row "
+                    f"({type(error).__name__}); run the job again, it resumes where it stopped"
+                ) from error
+            wait = 2.0 * (attempt + 1)
+            log.warning("%s lost a commit race (%s); retrying in %.0fs", what,
+                        type(error).__name__, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, str]) -> None:
     """Refuse to add vectors of another model or dimension to a table."""
     for key in ("pipeline.model_fingerprint", "pipeline.dimension"):
@@ -96,15 +137,53 @@ def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, 
             )
 
 
+def prepare_table(spark: SparkSession, table: TableRef, schema_df: DataFrame, mode: str,
+                  properties: dict[str, str]) -> bool:
+    """Create the vectors table with its model properties if missing, else check that it holds
+    the same model (unless it is to be overwritten). True when it already existed."""
+    if not table.exists(spark):
+        with_commit_retries(lambda: table.create(spark, schema_df, properties),
+                            f"creating {table.location}", retries=3)
+        return False
+    if mode != "overwrite":
+        check_same_model(table, table.properties(spark), properties)
+    return True
+
+
 def write_vectors(spark: SparkSession, table: TableRef, df: DataFrame, mode: str,
                   properties: dict[str, str]) -> int:
-    """Write chunk rows; the table records the model in its properties. Returns the version."""
-    if not table.exists(spark):
-        table.create(spark, df, properties)
-    elif mode == "append":
-        check_same_model(table, table.properties(spark), properties)
+    """Overwrite or append chunk rows in one commit; the table records the model in its
+    properties. Returns the version."""
+    prepare_table(spark, table, df, mode, properties)
     table.write(df, mode)
     stored = table.properties(spark)
     if any(stored.get(key) != value for key, value in properties.items()):
         table.set_properties(spark, properties)
     return table.version(spark)
+
+
+def merge_documents(spark: SparkSession, table: TableRef, chunks: DataFrame,
+                    doc_ids: DataFrame) -> None:
+    """Replace every listed document's chunks in one commit: upsert the new chunk rows by
+    (doc_id, chunk_index) and delete the document's other chunks, so a document whose chunk
+    count shrank keeps none of its old tail. A listed document without chunks is deleted."""
+    current = table.delta(spark).toDF().select("doc_id", "chunk_index")
+    stale = (current.join(doc_ids, "doc_id", "left_semi")
+             .join(chunks.select("doc_id", "chunk_index"), ["doc_id", "chunk_index"],
+                   "left_anti")
+             .withColumn("_delete", F.lit(True)))
+    source = (chunks.withColumn("_delete", F.lit(False))
+              .unionByName(stale, allowMissingColumns=True))
+    columns = {name: f"s.{name}" for name in VECTOR_COLUMNS}
+    (table.delta(spark).alias("t")
+     .merge(source.alias("s"), "t.doc_id = s.doc_id AND t.chunk_index = s.chunk_index")
+     .whenMatchedDelete("s._delete")
+     .whenMatchedUpdate(set=columns)
+     .whenNotMatchedInsert(condition="NOT s._delete", values=columns)
+     .execute())
+
+
+def delete_documents(spark: SparkSession, table: TableRef, doc_ids: DataFrame) -> None:
+    """Delete every chunk of the listed documents in one commit."""
+    (table.delta(spark).alias("t").merge(doc_ids.alias("s"), "t.doc_id = s.doc_id")
+     .whenMatchedDelete().execute())

@@ -1,0 +1,41 @@
+"""The audit tables beside a vectors table: `<output>_rejects` (rows that could not be embedded,
+with the reason) and `<output>_runs` (one row per run, failed runs included)."""
+
+from __future__ import annotations
+
+import logging
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline.store.delta import TableRef, with_commit_retries
+
+log = logging.getLogger("pipeline.store")
+
+RUNS_DDL = (
+    "run_id string, started_at timestamp, ended_at timestamp, status string, mode string, "
+    "plan string, chunks_written long, tokens long, seconds double, model_fingerprint string, "
+    "config string, table_version long, error string"
+)
+
+
+def write_rejects(spark: SparkSession, table: TableRef, flagged: DataFrame, run_id: str,
+                  count: int) -> None:
+    """Quarantine flagged rows in `<output>_rejects` with the reason; nothing when none."""
+    if not count:
+        return
+    rejects = (flagged.where(F.col("reject_reason").isNotNull())
+               .select("doc_id", F.col("reject_reason").alias("reason"),
+                       F.substring("text", 1, 1000).alias("text_prefix"),
+                       F.lit(run_id).alias("run_id"),
+                       F.current_timestamp().alias("rejected_at")))
+    target = table.sibling("_rejects")
+    with_commit_retries(lambda: target.write(rejects, "append"), "writing rejects", retries=3)
+    log.warning("run %s: %d rows rejected, see %s", run_id, count, target.location)
+
+
+def append_run(spark: SparkSession, table: TableRef, record: dict) -> None:
+    """One row in `<output>_runs`: the run's plan, result, config and the version it wrote."""
+    row = spark.createDataFrame([record], RUNS_DDL)
+    with_commit_retries(lambda: table.sibling("_runs").write(row, "append"), "recording the run",
+                        retries=3)

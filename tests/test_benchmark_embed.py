@@ -1,0 +1,80 @@
+"""The benchmark job: every mode embeds the same texts and reports comparable numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, SAMPLE_CORPUS
+
+SCRIPT = REPO / "jobs" / "benchmark_embed.py"
+MODES = ("st", "pbudf", "encoder", "spark_job")
+FIELDS = ("texts", "tokens", "padded_tokens", "padding_efficiency", "seconds", "tokens_per_s",
+          "texts_per_s", "peak_rss_mb", "startup_s", "vs_st", "cpu_s")
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("benchmark_embed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_padding_follows_each_batching():
+    job = load_job()
+    lengths = [10, 2, 8, 4]
+    assert job.padded_tokens(lengths, [[0, 1], [2, 3]]) == 2 * 10 + 2 * 8
+    texts = ["a" * 10, "b", "c" * 5, "d" * 7]
+    assert job.st_batches(texts, 2) == [[0, 3], [2, 1]]
+
+
+def test_short_set_is_the_first_sentence():
+    job = load_job()
+    assert job.first_sentence("Paris is a city. It is large.") == "Paris is a city."
+    assert job.first_sentence("no full stop") == "no full stop"
+
+
+def test_tree_rss_counts_child_processes():
+    job = load_job()
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = b\"x\" * (200 << 20); "
+                              "time.sleep(30)"])
+    try:
+        base = job.vm_rss_kb(os.getpid())
+        for _ in range(50):
+            if job.tree_rss_kb(os.getpid()) - base > 150 << 10:
+                break
+            time.sleep(0.1)
+        assert child.pid in job.process_tree(os.getpid())
+        assert job.tree_rss_kb(os.getpid()) - base > 150 << 10
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_mode_on_the_same_tokens(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--corpus", str(SAMPLE_CORPUS), "--limit", "40",
+         "--modes", ",".join(MODES), "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in report["results"]}
+    assert set(rows) == set(MODES)
+    for mode, row in rows.items():
+        assert all(field in row for field in FIELDS), (mode, sorted(row))
+        assert row["texts"] == 40 and row["tokens_per_s"] > 0, (mode, row)
+        assert 0 < row["padding_efficiency"] <= 1, (mode, row)
+        assert row["peak_rss_mb"] > 0, (mode, row)
+    tokens = {mode: row["tokens"] for mode, row in rows.items()}
+    assert len(set(tokens.values())) == 1, tokens
+    assert rows["st"]["vs_st"] == 1.0
+    assert "| spark_job |" in done.stdout
