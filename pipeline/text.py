@@ -84,11 +84,12 @@ def chunk_text(
 ) -> list[Chunk]:
     """Split `text` by its content tokens' character `offsets` (no special tokens).
 
-    A text of at most `capacity` tokens is one chunk, the whole text. Longer texts are cut into
-    windows of at most `window` tokens, or, with `truncate`, cut to their first `capacity` tokens.
+    With `truncate`, a text longer than `capacity` tokens is cut to its first `capacity` tokens.
+    Otherwise a text longer than `window` tokens is cut into windows of at most `window` tokens
+    (window <= capacity). Either way a text that fits is one chunk, the whole text.
     """
     n_tokens = len(offsets)
-    if n_tokens <= capacity:
+    if n_tokens <= (capacity if truncate else window):
         return [Chunk(0, text, 0, len(text))]
     if truncate:
         end = offsets[capacity - 1][1]

@@ -20,11 +20,12 @@ from pipeline.text import content_hash, document_text
 from tests.conftest import write_jsonl
 
 
-def embed(spark, source: Path | str, output: Path, *overrides: str, **flags) -> RunSummary:
+def embed(spark, source: Path | str, output: Path, *overrides: str, dry_run: bool = False,
+          **flags) -> RunSummary:
     keyed = {"input.path": str(source), "output.path": str(output),
              **{FLAG_KEYS.get(key, key.replace("__", ".")): value for key, value in flags.items()}}
     settings = load_settings("local", list(overrides), keyed)
-    return run_embedding(spark, settings)
+    return run_embedding(spark, settings, dry_run=dry_run)
 
 
 def load_records(folder: Path) -> list[dict]:

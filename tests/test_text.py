@@ -253,10 +253,13 @@ def test_truncate_keeps_one_prefix_chunk_ending_at_the_last_kept_token(capacity:
 
 @pytest.mark.parametrize("truncate", [False, True])
 @pytest.mark.parametrize("extra", [0, 1, 50])
-def test_text_within_capacity_is_one_chunk_of_the_whole_text(truncate: bool, extra: int) -> None:
+def test_text_within_the_window_is_one_chunk_of_the_whole_text(truncate: bool, extra: int
+                                                               ) -> None:
+    """The limit is the capacity when truncating, else the window (here both are the same)."""
     text = "  leading and trailing space are kept  \n"
     offsets = word_offsets(text)
-    chunks = chunk_text(text, offsets, len(offsets) + extra, 2, 1, truncate)
+    limit = len(offsets) + extra
+    chunks = chunk_text(text, offsets, limit, limit, 1, truncate)
     assert len(chunks) == 1
     assert (chunks[0].index, chunks[0].text) == (0, text)
     assert (chunks[0].char_start, chunks[0].char_end) == (0, len(text))
@@ -265,3 +268,10 @@ def test_text_within_capacity_is_one_chunk_of_the_whole_text(truncate: bool, ext
 def test_empty_text_is_one_empty_chunk() -> None:
     chunks = chunk_text("", [], 4, 4, 1, truncate=False)
     assert [(c.index, c.text, c.char_start, c.char_end) for c in chunks] == [(0, "", 0, 0)]
+
+
+def test_text_longer_than_the_window_is_split_even_within_capacity() -> None:
+    text = words_text(10)
+    chunks = chunk_text(text, word_offsets(text), 100, 4, 1, truncate=False)
+    assert len(chunks) == 3
+    assert chunk_text(text, word_offsets(text), 100, 4, 1, truncate=True)[0].text == text

@@ -1,0 +1,235 @@
+"""Incremental runs: only new and changed documents are embedded, nothing is lost or doubled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from deltalake import DeltaTable
+
+from pipeline.spark.io import InputError
+from pipeline.store.delta import ModelMismatchError
+from tests.conftest import REPO, write_jsonl
+from tests.test_spark_embed import embed
+
+SMALL_CHUNKS = ("chunking.chunk_tokens=48", "chunking.chunk_overlap=8", "spark.partitions=2")
+
+
+def table_frame(path: Path) -> pd.DataFrame:
+    rows = DeltaTable(str(path)).to_pandas()
+    return rows.sort_values(["doc_id", "chunk_index"]).reset_index(drop=True)
+
+
+def assert_same_table(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Same keys, texts and hashes; vectors equal up to batch-composition float noise."""
+    keys = ["doc_id", "chunk_index"]
+    assert not got.duplicated(keys).any(), "duplicate (doc_id, chunk_index) keys"
+    assert got[keys].values.tolist() == expected[keys].values.tolist()
+    assert got["chunk_text"].tolist() == expected["chunk_text"].tolist()
+    assert got["content_hash"].tolist() == expected["content_hash"].tolist()
+    vectors = np.stack(got["embedding"].to_numpy())
+    assert np.abs(vectors - np.stack(expected["embedding"].to_numpy())).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def base_docs(sample_docs) -> list[dict]:
+    return [dict(d) for d in sample_docs[:30]]
+
+
+@pytest.fixture(scope="module")
+def base_run(spark, base_docs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("incremental")
+    source = write_jsonl(folder / "v1.jsonl", base_docs)
+    summary = embed(spark, source, folder / "vectors", *SMALL_CHUNKS)
+    return folder, summary
+
+
+def test_first_run_on_a_new_table_embeds_everything(base_run, base_docs):
+    _, summary = base_run
+    assert summary.mode == "incremental"
+    assert (summary.documents_new, summary.documents_embedded) == (len(base_docs),
+                                                                   len(base_docs))
+
+
+def test_second_identical_run_embeds_nothing_and_changes_nothing(spark, base_run):
+    folder, _ = base_run
+    table = DeltaTable(str(folder / "vectors"))
+    version, files = table.version(), sorted(table.file_uris())
+    before = table_frame(folder / "vectors")
+    again = embed(spark, folder / "v1.jsonl", folder / "vectors", *SMALL_CHUNKS)
+    assert (again.documents_embedded, again.chunks_written, again.tokens) == (0, 0, 0)
+    assert again.documents_unchanged == len(before.doc_id.unique())
+    table = DeltaTable(str(folder / "vectors"))
+    assert (table.version(), sorted(table.file_uris())) == (version, files)
+    pd.testing.assert_frame_equal(table_frame(folder / "vectors"), before)
+
+
+def test_changed_source_embeds_exactly_the_changes_and_equals_a_fresh_run(
+        spark, base_run, base_docs, sample_docs, tmp_path):
+    folder, _ = base_run
+    docs = {d["_id"]: dict(d) for d in base_docs}
+    ids = sorted(docs, key=lambda i: len(docs[i]["text"]))
+    grown, edited, shrunk = ids[0], ids[1], ids[-1]
+    docs[grown]["text"] = " ".join([docs[grown]["text"]] * 4)
+    docs[shrunk]["text"] = docs[shrunk]["text"].split(". ")[0][:80]
+    docs[edited]["text"] = docs[edited]["text"] + " Edited."
+    for gone in ids[2:4]:
+        del docs[gone]
+    for new in sample_docs[100:105]:
+        docs[new["_id"]] = dict(new)
+    source = write_jsonl(folder / "v2.jsonl", list(docs.values()))
+    old = table_frame(folder / "vectors")
+
+    summary = embed(spark, source, folder / "vectors", *SMALL_CHUNKS)
+
+    assert (summary.documents_new, summary.documents_changed, summary.documents_deleted) == (5, 3,
+                                                                                            2)
+    assert summary.documents_embedded == 8
+    new = table_frame(folder / "vectors")
+    added = {d["_id"] for d in sample_docs[100:105]}
+    assert set(new[new.run_id == summary.run_id].doc_id) == {grown, shrunk, edited, *added}
+    last_chunk = {name: frame.groupby("doc_id").chunk_index.max() for name, frame in
+                  (("old", old), ("new", new))}
+    assert last_chunk["new"][grown] > last_chunk["old"][grown]
+    assert last_chunk["new"][shrunk] < last_chunk["old"][shrunk]
+    fresh = embed(spark, source, tmp_path / "fresh", *SMALL_CHUNKS)
+    assert fresh.documents_embedded == len(docs)
+    assert_same_table(new, table_frame(tmp_path / "fresh"))
+
+
+def test_partial_snapshot_keeps_documents_missing_from_the_source(spark, base_run, base_docs,
+                                                                  tmp_path):
+    folder, _ = base_run
+    target = tmp_path / "vectors"
+    embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS)
+    partial = write_jsonl(tmp_path / "partial.jsonl", base_docs[:3])
+    summary = embed(spark, partial, target, *SMALL_CHUNKS, "input.snapshot=partial")
+    assert summary.documents_deleted == 0 and summary.documents_embedded == 0
+    assert table_frame(target).doc_id.nunique() == len(base_docs)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(spark, base_run, sample_docs, tmp_path):
+    folder, _ = base_run
+    version = DeltaTable(str(folder / "vectors")).version()
+    source = write_jsonl(tmp_path / "more.jsonl", sample_docs[:30] + sample_docs[200:203])
+    plan = embed(spark, source, folder / "vectors", *SMALL_CHUNKS, dry_run=True)
+    assert plan.new >= 3 and plan.to_embed >= 3
+    assert DeltaTable(str(folder / "vectors")).version() == version
+
+
+def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_run, tmp_path):
+    folder, _ = base_run
+    target = tmp_path / "vectors"
+    embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS)
+    with pytest.raises(ModelMismatchError, match=r"model_fingerprint=.*--mode overwrite"):
+        embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.pooling=cls")
+    with pytest.raises(ModelMismatchError, match="dimension"):
+        embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.output_dim=64",
+              "model.normalize=true")
+    replaced = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.output_dim=64",
+                     mode="overwrite")
+    rows = table_frame(target)
+    assert set(rows.model_fingerprint) == {replaced.model_fingerprint}
+    assert len(rows.embedding.iloc[0]) == 64
+    runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
+    assert sorted(runs.status) == ["failed", "failed", "succeeded", "succeeded"]
+    failed = runs[runs.status == "failed"]
+    assert failed.error.str.contains("ModelMismatchError").all()
+    assert json.loads(runs[runs.run_id == replaced.run_id].config.iloc[0])["output"]["mode"] == \
+        "overwrite"
+
+
+def test_every_kind_of_bad_row_is_quarantined_with_its_reason(spark, tmp_path):
+    rows = [
+        {"_id": "ok", "title": "", "text": "Fine.", "v": 1},
+        {"_id": None, "title": "", "text": "no id", "v": 1},
+        {"_id": "null", "title": "", "text": None, "v": 1},
+        {"_id": "empty", "title": "", "text": "", "v": 1},
+        {"_id": "space", "title": "", "text": " \u3000\t", "v": 1},
+        {"_id": "big", "title": "", "text": "x" * 300, "v": 1},
+        {"_id": "dup", "title": "", "text": "older", "v": 1},
+        {"_id": "dup", "title": "", "text": "newer", "v": 2},
+        {"_id": "odd", "title": "", "text": "\ufeffBOM \x01 ctrl \ud83d\ude80 emoji", "v": 1},
+    ]
+    source = tmp_path / "bad.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"duplicate document ids.*'dup' x2"):
+        embed(spark, source, tmp_path / "vectors")
+    summary = embed(spark, source, tmp_path / "vectors", "input.duplicates=keep_last",
+                    "input.order_col=v", "input.max_text_bytes=200")
+    rejects = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()
+    reasons = dict(zip(rejects.doc_id.fillna("<null>"), rejects.reason, strict=True))
+    assert reasons == {"<null>": "null id", "null": "null text",
+                       "empty": "empty or whitespace-only text",
+                       "space": "empty or whitespace-only text", "big": "text over 200 bytes",
+                       "dup": "duplicate id, superseded by a later v"}
+    assert rejects[rejects.doc_id == "dup"].text_prefix.tolist() == ["older"]
+    assert summary.rejected == 6 and summary.documents_read == 9
+    landed = table_frame(tmp_path / "vectors")
+    assert sorted(landed.doc_id) == ["dup", "odd", "ok"]
+    assert landed[landed.doc_id == "dup"].chunk_text.tolist() == ["newer"]
+
+
+def test_two_concurrent_runs_leave_one_valid_table(spark, base_run, tmp_path):
+    folder, _ = base_run
+    target = tmp_path / "vectors"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "output.wave_docs=10")
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all("another writer" in str(e) for e in errors), errors
+    rerun = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS)
+    assert rerun.documents_embedded == 0 or errors
+    embed(spark, folder / "v1.jsonl", tmp_path / "clean", *SMALL_CHUNKS)
+    assert_same_table(table_frame(target), table_frame(tmp_path / "clean"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_table_as_a_clean_run(tmp_path, sample_docs):
+    source = write_jsonl(tmp_path / "docs.jsonl", sample_docs[:80])
+    args = [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),
+            "--set", "output.wave_docs=25", "--set", "chunking.chunk_tokens=96"]
+    killed = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with log.open("w") as handle:
+        job = subprocess.Popen([*args, "--output", str(killed)], stdout=handle, stderr=handle,
+                               start_new_session=True)
+    first_wave = killed / "_delta_log" / "00000000000000000001.json"
+    deadline = time.time() + 600
+    while not first_wave.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first_wave.exists(), log.read_text()[-3000:]
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    partial = table_frame(killed)
+    assert 0 < partial.doc_id.nunique() < 80, "killed between waves"
+
+    resumed = subprocess.run([*args, "--output", str(killed)], capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["documents_unchanged"] == partial.doc_id.nunique()
+    assert summary["documents_new"] == 80 - partial.doc_id.nunique()
+
+    clean = subprocess.run([*args, "--output", str(tmp_path / "clean")], capture_output=True,
+                           text=True, timeout=900)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert_same_table(table_frame(killed), table_frame(tmp_path / "clean"))
