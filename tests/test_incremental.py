@@ -159,6 +159,7 @@ def test_every_kind_of_bad_row_is_quarantined_with_its_reason(spark, tmp_path):
         {"_id": "dup", "title": "", "text": "older", "v": 1},
         {"_id": "dup", "title": "", "text": "newer", "v": 2},
         {"_id": "odd", "title": "", "text": "\ufeffBOM \x01 ctrl \ud83d\ude80 emoji", "v": 1},
+        {"_id": "lone", "title": "", "text": "a lone \ud800 surrogate", "v": 1},
     ]
     source = tmp_path / "bad.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -173,9 +174,12 @@ def test_every_kind_of_bad_row_is_quarantined_with_its_reason(spark, tmp_path):
                        "space": "empty or whitespace-only text", "big": "text over 200 bytes",
                        "dup": "duplicate id, superseded by a later v"}
     assert rejects[rejects.doc_id == "dup"].text_prefix.tolist() == ["older"]
-    assert summary.rejected == 6 and summary.documents_read == 9
+    assert summary.rejected == 6 and summary.documents_read == 10
     landed = table_frame(tmp_path / "vectors")
-    assert sorted(landed.doc_id) == ["dup", "odd", "ok"]
+    assert sorted(landed.doc_id) == ["dup", "lone", "odd", "ok"]
+    odd = landed[landed.doc_id == "odd"].chunk_text.iloc[0]
+    assert odd == " BOM   ctrl \U0001f680 emoji", "controls and BOM become spaces, emoji stay"
+    assert landed[landed.doc_id == "lone"].chunk_text.iloc[0] == "a lone ? surrogate"
     assert landed[landed.doc_id == "dup"].chunk_text.tolist() == ["newer"]
 
 
