@@ -83,6 +83,7 @@ class ModelSettings:
     attn_implementation: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ SAMPLE_CORPUS = REPO / "pipeline" / "data" / "sample_corpus.jsonl"
 
 
 @pytest.fixture(scope="session")
-def spark():
+def spark(tmp_path_factory):
     from pipeline.spark.session import get_spark
 
     session = get_spark(SparkSettings(
         master="local[2]", app_name="pipeline-tests",
         conf={"spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false",
-              "spark.ui.showConsoleProgress": "false"},
+              "spark.ui.showConsoleProgress": "false",
+              "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))},
     ))
     yield session
     session.stop()

@@ -137,6 +137,18 @@ def test_parquet_csv_and_delta_inputs_with_custom_columns(spark, tmp_path, sampl
     assert first.chunk_text.startswith(f"{rows[0][1]} {rows[0][2][:20]}")
 
 
+def test_catalog_table_in_and_out(spark, sample_docs):
+    rows = [(d["_id"], d["text"]) for d in sample_docs[:8]]
+    spark.createDataFrame(rows, "id string, text string").write.format("delta").mode(
+        "overwrite").saveAsTable("default.source_docs")
+    summary = embed(spark, "table:default.source_docs", "default.doc_vectors", id_col="id",
+                    title_col="", input__format="table")
+    assert summary.documents_embedded == 8
+    stored = spark.table("default.doc_vectors")
+    assert stored.select("doc_id").distinct().count() == 8
+    assert TableRef.parse("default.doc_vectors").properties(spark)["pipeline.dimension"] == "384"
+
+
 def test_missing_column_is_reported_before_the_model_is_touched(spark, corpus, tmp_path):
     with pytest.raises(InputError, match=r"no column input.text_col='body'.*\['_id'"):
         embed(spark, corpus, tmp_path / "out", text_col="body", model="/no/such/model")

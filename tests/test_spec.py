@@ -70,6 +70,15 @@ def test_folder_without_config_lists_what_it_holds(tmp_path):
         resolve_model_spec(ModelSettings(name=str(tmp_path)))
 
 
+def test_pickle_only_weights_are_refused_unless_allowed(minilm_path, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(minilm_path, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ModelSpecError, match=r"no .safetensors weights.*allow_pickle_weights"):
+        resolve_model_spec(ModelSettings(name=str(folder)))
+    assert resolve_model_spec(ModelSettings(name=str(folder), allow_pickle_weights=True))
+
+
 def test_output_dim_beyond_model_width_is_refused(minilm_path):
     with pytest.raises(ModelSpecError, match="exceeds"):
         resolve_model_spec(ModelSettings(name=str(minilm_path), output_dim=1000))

@@ -90,7 +90,7 @@ def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> En
         dtype=dtype,
         attn_implementation=attention,
         trust_remote_code=spec.trust_remote_code,
-        use_safetensors=None if spec.trust_remote_code else _has_safetensors(spec.path),
+        use_safetensors=not spec.allow_pickle_weights,
     )
     model.to(device).eval()
     load_count += 1
@@ -110,11 +110,6 @@ def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> En
     if load_log_dir:
         _append_load_record(Path(load_log_dir), record)
     return Encoder(spec, model, tokenizer, device, 1, 1)
-
-
-def _has_safetensors(path: str) -> bool:
-    """Prefer safetensors; plain pickle weights load only where no safetensors exist."""
-    return any(Path(path).glob("*.safetensors"))
 
 
 def _append_load_record(folder: Path, record: dict) -> None:

@@ -56,6 +56,7 @@ class ModelSpec:
     attn_implementation: str
     device: str
     trust_remote_code: bool
+    allow_pickle_weights: bool
     fingerprint: str
 
     @property
@@ -184,6 +185,7 @@ def _sampled_file_digest(path: Path, block: int = 1 << 20) -> bytes:
 
 def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
     folder = resolve_model_path(settings.name)
+    _check_weights(folder, settings.allow_pickle_weights)
     config = _read_json(folder / "config.json")
     model_type = str(config.get("model_type", ""))
     hidden_size = int(config.get("hidden_size") or config.get("d_model") or 0)
@@ -225,7 +227,20 @@ def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
         attn_implementation=settings.attn_implementation,
         device=settings.device,
         trust_remote_code=settings.trust_remote_code,
+        allow_pickle_weights=settings.allow_pickle_weights,
         fingerprint=fingerprint(folder, identity),
+    )
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Safe by default: weights load from safetensors; pickled weights can run code on load."""
+    weights = [p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if any(name.endswith(".safetensors") for name in weights) or allow_pickle:
+        return
+    raise ModelSpecError(
+        f"model folder {folder} has no .safetensors weights (found {weights or 'none'}); "
+        "convert them to safetensors, or set model.allow_pickle_weights=true if you trust the "
+        "files"
     )
 
 
