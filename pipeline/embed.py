@@ -115,6 +115,10 @@ class Run:
     clock: float = field(default_factory=time.perf_counter)
 
     @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.clock
+
+    @property
     def partitions(self) -> int:
         return self.settings.spark.partitions or default_parallelism(self.spark)
 
@@ -168,7 +172,8 @@ def _run(run: Run, flagged: DataFrame) -> tuple[RunSummary, RunPlan]:
     existed = prepare_table(run.spark, run.table, run.spark.createDataFrame([], VECTOR_DDL),
                             mode, properties)
     plan, planned = make_plan(run, flagged, table_exists=existed and mode == "incremental")
-    log.info("run %s (%s): %s", run.run_id, mode, plan.to_json())
+    log.info("run %s (%s) planned after %.1fs: %s", run.run_id, mode, run.elapsed,
+             json.dumps(asdict(plan), sort_keys=True))
     write_rejects(run.spark, run.table, flagged, run.run_id, plan.rejected)
     try:
         if mode == "incremental":
@@ -257,9 +262,11 @@ def embed_in_waves(run: Run, plan: RunPlan, planned: DataFrame) -> ChunkTotals:
     for wave in range(plan.waves):
         in_wave = F.pmod(F.xxhash64("doc_id"), F.lit(plan.waves)) == wave
         docs = planned.where(F.col("status").isin(*TO_EMBED) & in_wave)
-        chunks = observed_chunks(run, docs).persist(StorageLevel.DISK_ONLY)
+        embedding_started = run.elapsed
+        chunks = _materialized(observed_chunks(run, docs))
         try:
             wave_totals = _observed_totals(chunks)
+            merge_started = run.elapsed
             with_commit_retries(
                 lambda c=chunks, d=docs: merge_documents(run.spark, run.table, c,
                                                          d.select("doc_id")),
@@ -267,8 +274,10 @@ def embed_in_waves(run: Run, plan: RunPlan, planned: DataFrame) -> ChunkTotals:
         finally:
             chunks.unpersist()
         totals.add(wave_totals)
-        log.info("run %s: wave %d/%d committed: %d documents, %d chunks", run.run_id, wave + 1,
-                 plan.waves, wave_totals.documents, wave_totals.chunks)
+        log.info("run %s: wave %d/%d committed: %d documents, %d chunks (embedded in %.1fs, "
+                 "merged in %.1fs)", run.run_id, wave + 1, plan.waves, wave_totals.documents,
+                 wave_totals.chunks, merge_started - embedding_started,
+                 run.elapsed - merge_started)
     if plan.delete_missing and plan.deleted:
         gone = planned.where(F.col("status") == "deleted").select("doc_id")
         with_commit_retries(lambda: delete_documents(run.spark, run.table, gone),
@@ -300,8 +309,15 @@ def _totals(row) -> ChunkTotals:
                                                           "padded")))
 
 
+def _materialized(chunks: DataFrame) -> DataFrame:
+    """Embed once: the MERGE reads its source more than once, and a cached plan is not always
+    matched inside it, so the wave's vectors are checkpointed on the executors (memory, then
+    disk). A lost executor then fails the run rather than re-embedding; a rerun resumes."""
+    return chunks.localCheckpoint(eager=True)
+
+
 def _observed_totals(chunks: DataFrame) -> ChunkTotals:
-    """Totals of a persisted chunk frame; computing them materialises it."""
+    """Totals of a materialised chunk frame."""
     return _totals(chunks.agg(*_total_columns()).collect()[0])
 
 

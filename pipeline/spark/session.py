@@ -77,8 +77,9 @@ def default_parallelism(spark: SparkSession) -> int:
 
 
 def write_spark_defaults() -> str:
-    """Make plain `spark-submit` of this environment find Delta and this Python: writes
-    spark-defaults.conf into the pip-installed Spark's conf folder (existing keys are kept)."""
+    """Make plain `spark-submit` of this environment find Delta and this Python, with the local
+    settings `python jobs/...` uses: writes spark-defaults.conf into the pip-installed Spark's
+    conf folder (keys already there are kept)."""
     from pyspark.find_spark_home import _find_spark_home
 
     path = Path(_find_spark_home()) / "conf" / "spark-defaults.conf"
@@ -86,9 +87,9 @@ def write_spark_defaults() -> str:
     wanted = {
         "spark.jars.packages": delta_maven_coordinates(),
         **DELTA_SQL_CONF,
+        **LOCAL_CONF,
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
-        "spark.ui.showConsoleProgress": "true",
     }
     lines = path.read_text().splitlines() if path.exists() else []
     present = {line.split()[0] for line in lines if line.strip() and not line.startswith("#")}
