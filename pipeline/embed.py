@@ -28,6 +28,7 @@ from pipeline.store.delta import (
     VECTOR_COLUMNS,
     VECTOR_DDL,
     TableRef,
+    check_same_model,
     delete_documents,
     merge_documents,
     prepare_table,
@@ -147,13 +148,12 @@ def run_embedding(spark: SparkSession, settings: Settings, dry_run: bool = False
                   ) -> RunSummary | RunPlan:
     """Everything is checked (source, columns, model folder, model guard) before any embedding;
     the run is recorded in `<output>_runs`, as failed too when it fails."""
-    flagged = flag_rows(read_source(spark, settings.input), settings.input)
+    source = read_source(spark, settings.input)
     run = Run(spark, settings, resolve_model_spec(settings.model),
               TableRef.parse(settings.output.path))
+    flagged = flag_rows(source, settings.input)
     if dry_run:
-        plan, planned = make_plan(run, flagged, table_exists=run.table.exists(spark))
-        planned.unpersist()
-        return plan
+        return dry_run_plan(run, flagged)
     plan = RunPlan()
     try:
         summary, plan = _run(run, flagged)
@@ -164,6 +164,18 @@ def run_embedding(spark: SparkSession, settings: Settings, dry_run: bool = False
         flagged.unpersist()
     append_run(spark, run.table, run_record(run, plan, summary, "succeeded", None))
     return summary
+
+
+def dry_run_plan(run: Run, flagged: DataFrame) -> RunPlan:
+    """The plan, with the same model guard as a real run, and nothing written."""
+    exists = run.table.exists(run.spark)
+    if exists and run.settings.output.mode != "overwrite":
+        check_same_model(run.table, run.table.properties(run.spark), run.spec.table_properties())
+    plan, planned = make_plan(run, flagged,
+                              table_exists=exists and run.settings.output.mode == "incremental")
+    planned.unpersist()
+    flagged.unpersist()
+    return plan
 
 
 def _run(run: Run, flagged: DataFrame) -> tuple[RunSummary, RunPlan]:

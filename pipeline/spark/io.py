@@ -3,6 +3,7 @@ problem before any model is loaded."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -34,6 +35,8 @@ def detect_format(path: str) -> str:
     if path.startswith(TABLE_PREFIX):
         return "table"
     local = Path(path)
+    if "://" not in path and not local.exists() and _looks_like_table_name(path):
+        return "table"
     if "://" not in path and not local.exists():
         parent = local.parent if str(local.parent) else Path(".")
         nearby = sorted(p.name for p in parent.iterdir())[:20] if parent.is_dir() else []
@@ -50,6 +53,12 @@ def detect_format(path: str) -> str:
                 return fmt
         raise InputError(f"cannot tell the format of {path}; set input.format (--format)")
     return "delta"
+
+
+def _looks_like_table_name(path: str) -> bool:
+    """`schema.table` or `catalog.schema.table`, not a missing file such as `docs.jsonl`."""
+    return (re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}", path) is not None
+            and Path(path).suffix.lower() not in SUFFIX_FORMATS)
 
 
 def read_source(spark: SparkSession, settings: InputSettings) -> DataFrame:
