@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipeline.config import DEFAULT_PROFILE, FLAG_KEYS, SettingsError, load_settings
 from pipeline.embed import run_embedding
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--delete-missing", action=argparse.BooleanOptionalAction, default=None,
                         help="delete documents missing from the source (default: yes for "
                              "input.snapshot=full, no for partial)")
+    parser.add_argument("--summary-file", metavar="PATH",
+                        help="also write the run summary JSON to this file (for schedulers)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (new, changed, unchanged, deleted) and write nothing")
     return parser.parse_args(argv)
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             CommitConflictError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.summary_file:
+        Path(args.summary_file).write_text(summary.to_json() + "\n")
     print(summary.to_json(), flush=True)
     return 0
 
