@@ -24,7 +24,8 @@ from airflow.models.xcom import XComModel
 from airflow.utils.session import create_session
 with create_session() as session:
     rows = (session.query(XComModel)
-            .filter(XComModel.dag_id == "embed_corpus", XComModel.key == "return_value")
+            .filter(XComModel.dag_id == "embed_corpus", XComModel.task_id == "embed_corpus",
+                    XComModel.key == "return_value")
             .order_by(XComModel.timestamp).all())
     print(json.dumps([XComModel.deserialize_value(row) for row in rows]))
 """
@@ -72,18 +73,24 @@ def test_dag_folder_loads_without_import_errors(airflow_python, airflow_env):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert loaded == {"errors": {}, "params": ["input", "mode", "model", "output", "profile"],
+    assert loaded == {"errors": {}, "params": ["cluster", "cluster_k", "input", "mode", "model",
+                                               "output", "profile"],
                       "retries": 2, "backoff": True}
 
 
 def test_dag_runs_the_job_and_pushes_its_summary_then_a_rerun_embeds_nothing(
         airflow_python, airflow_env, tmp_path):
     airflow = str(airflow_python.parent / "airflow")
-    conf = json.dumps({"output": str(tmp_path / "vectors")})
-    for _ in range(2):
+    output = str(tmp_path / "vectors")
+    for cluster in (True, False):
+        conf = json.dumps({"output": output, "cluster": cluster, "cluster_k": "3,4"})
         done = subprocess.run([airflow, "dags", "test", "embed_corpus", "-c", conf],
                               env=airflow_env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if cluster:
+            assert DeltaTable(f"{output}_clusters_assignments").to_pandas().cluster.nunique() in (
+                3, 4)
+            assert Path(f"{output}_clusters.png").exists()
     read = subprocess.run([str(airflow_python), "-c", READ_SUMMARIES], env=airflow_env,
                           capture_output=True, text=True, timeout=300)
     first, second = json.loads(read.stdout.strip().splitlines()[-1])

