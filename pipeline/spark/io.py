@@ -13,6 +13,7 @@ from pipeline.config import InputSettings
 
 BUILTIN_PREFIX = "builtin:"
 TABLE_PREFIX = "table:"
+CORRUPT_RECORD = "_corrupt_record"  # Spark's column for JSON and CSV lines it cannot parse
 SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
@@ -118,20 +119,24 @@ def documents(df: DataFrame, settings: InputSettings) -> DataFrame:
                      else F.lit(None).cast("string"))
     order = F.col(settings.order_col) if settings.order_col else F.lit(None)
     raw_text = F.col(settings.text_col).cast("string")
+    corrupt = (F.col(CORRUPT_RECORD) if CORRUPT_RECORD in df.columns
+               else F.lit(None).cast("string"))
     docs = df.select(
         F.col(settings.id_col).cast("string").alias("doc_id"),
         raw_text.alias("raw_text"),
         document_text_column(raw_text, title).alias("text"),
         order.alias("order_key"),
+        corrupt.alias("corrupt_record"),
     )
     return (docs.withColumn("content_hash", F.sha2("text", 256))
             .withColumn("reject_reason", reject_reason(settings.max_text_bytes))
-            .drop("raw_text"))
+            .drop("raw_text", "corrupt_record"))
 
 
 def reject_reason(max_text_bytes: int) -> Column:
     """Why a document cannot be embedded, or null when it can."""
-    return (F.when(F.col("doc_id").isNull(), F.lit("null id"))
+    return (F.when(F.col("corrupt_record").isNotNull(), F.lit("malformed record"))
+            .when(F.col("doc_id").isNull(), F.lit("null id"))
             .when(F.col("raw_text").isNull(), F.lit("null text"))
             .when(F.regexp_replace(clean_column(F.col("raw_text")), _SQL_ANY_SPACE, "") == "",
                   F.lit("empty or whitespace-only text"))
