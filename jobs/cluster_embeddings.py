@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from pipeline.cluster import ALGORITHMS, run_clustering
 from pipeline.config import SparkSettings
+from pipeline.logs import configure_job_logging
 from pipeline.spark.session import get_spark
 
 
@@ -32,9 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    configure_job_logging()
     args = parse_args(argv)
     ks = [int(k) for k in args.k.split(",") if k.strip()]
     if not ks or min(ks) < 2:

@@ -8,12 +8,12 @@ The last line on stdout is the run summary as one JSON object."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from pipeline.config import DEFAULT_PROFILE, FLAG_KEYS, SettingsError, load_settings
 from pipeline.embed import run_embedding
+from pipeline.logs import configure_job_logging
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
@@ -41,10 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # stdout carries only the summary; everything else goes to stderr.
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    configure_job_logging()
     args = parse_args(argv)
     try:
         settings = load_settings(args.config, args.overrides,

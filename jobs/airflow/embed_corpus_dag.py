@@ -70,10 +70,13 @@ with DAG(
     },
     tags=["embeddings", "delta"],
 ) as dag:
+    spark_job = {
+        "conn_id": Variable.get("embed_corpus_spark_conn_id", default="spark_default"),
+        "env_vars": {"PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "")},
+    }
     embed = EmbedCorpusOperator(
         task_id="embed_corpus",
         application=APPLICATION,
-        conn_id=Variable.get("embed_corpus_spark_conn_id", default="spark_default"),
         name="embed-corpus",
         application_args=[
             "--config", "{{ params.profile }}",
@@ -82,7 +85,7 @@ with DAG(
             "--model", "{{ params.model }}",
             "--mode", "{{ params.mode }}",
         ],
-        env_vars={"PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "")},
+        **spark_job,
     )
     wants_clusters = ShortCircuitOperator(
         task_id="clustering_requested",
@@ -91,7 +94,6 @@ with DAG(
     cluster = SparkSubmitOperator(
         task_id="cluster_embeddings",
         application=CLUSTER_APPLICATION,
-        conn_id=Variable.get("embed_corpus_spark_conn_id", default="spark_default"),
         name="cluster-embeddings",
         application_args=[
             "--vectors", "{{ params.output }}",
@@ -99,6 +101,6 @@ with DAG(
             "--k", "{{ params.cluster_k }}",
             "--plot", "{{ params.output }}_clusters.png",
         ],
-        env_vars={"PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "")},
+        **spark_job,
     )
     embed >> wants_clusters >> cluster
