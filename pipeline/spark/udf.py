@@ -19,7 +19,6 @@ from pipeline.model.spec import ModelSpec
 
 log = logging.getLogger("pipeline.spark.udf")
 
-INPUT_COLUMNS = ("doc_id", "text", "content_hash")
 CHUNK_SCHEMA = pa.schema([
     ("doc_id", pa.string()),
     ("chunk_index", pa.int32()),
