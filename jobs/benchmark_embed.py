@@ -22,16 +22,19 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.config import Settings, load_settings
+from pipeline.config import ModelSettings, Settings, load_settings
 from pipeline.model.spec import resolve_model_path, resolve_model_spec
 from pipeline.text import document_text
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 REPO = Path(__file__).resolve().parent.parent
 WIKI_CORPUS = REPO / ".." / "shared" / "data" / "wiki-en" / "paragraphs.en.jsonl"
@@ -241,7 +244,7 @@ def text_digest(text: str) -> str:
 # ---------------------------------------------------------------- settings shared by our modes
 
 
-def model_settings(model: str):
+def model_settings(model: str) -> ModelSettings:
     return load_settings("local", [], {"model.name": model}).model
 
 
@@ -344,12 +347,13 @@ def run_encoder(mode: ModeArgs) -> dict:
                   startup_s=round(startup, 3), threads=torch.get_num_threads())
 
 
-def st_predict_fn_factory(model_path: str, batch_size: int, log_dir: str):
+def st_predict_fn_factory(model_path: str, batch_size: int, log_dir: str
+                          ) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
     """make_predict_fn for predict_batch_udf, as a Spark user writes it: load a
     SentenceTransformer, encode each numpy batch of strings. It also logs which texts formed
     each batch (8-byte digests), so padding is computed from the real batches."""
 
-    def make_predict_fn():
+    def make_predict_fn() -> Callable[[np.ndarray], np.ndarray]:
         from sentence_transformers import SentenceTransformer
 
         started = time.perf_counter()
@@ -392,7 +396,7 @@ def logged_batch_tokens(batches: list[list[str]], texts: Sequence[str], lengths:
     return sum(map(sum, rows)), sum(len(row) * max(row) for row in rows)
 
 
-def start_spark(settings: Settings):
+def start_spark(settings: Settings) -> tuple[SparkSession, float]:
     from pipeline.spark.session import get_spark
 
     started = time.perf_counter()
