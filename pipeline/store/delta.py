@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from delta import exceptions as delta_errors
 from delta.tables import DeltaTable
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -142,12 +143,28 @@ def prepare_table(spark: SparkSession, table: TableRef, schema_df: DataFrame, mo
     """Create the vectors table with its model properties if missing, else check that it holds
     the same model (unless it is to be overwritten). True when it already existed."""
     if not table.exists(spark):
-        with_commit_retries(lambda: table.create(spark, schema_df, properties),
+        with_commit_retries(lambda: _create_unless_racing(spark, table, schema_df, properties),
                             f"creating {table.location}", retries=3)
         return False
     if mode != "overwrite":
         check_same_model(table, table.properties(spark), properties)
     return True
+
+
+def _create_unless_racing(spark: SparkSession, table: TableRef, schema_df: DataFrame,
+                          properties: dict[str, str]) -> None:
+    """Create the table. A concurrent creator leaves a `_delta_log` without a first commit for a
+    moment, which Delta reports as a non-empty location; wait for that commit instead of failing."""
+    for attempt in range(5):
+        try:
+            table.create(spark, schema_df, properties)
+            return
+        except AnalysisException as error:
+            if "NON_EMPTY_LOCATION" not in str(error.getCondition()) or attempt == 4:
+                raise
+            time.sleep(1.0)
+            if table.exists(spark):
+                return
 
 
 def write_vectors(spark: SparkSession, table: TableRef, df: DataFrame, mode: str,
