@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[spark,sample,plots,dev]"
+	$(BIN)/pip install -q -e ".[spark,sample,plots,ann,dev]"
 	# spark-defaults.conf for this environment's spark-submit, and Delta's JARs into the Ivy cache
 	$(BIN)/python -m pipeline.spark.session
 	touch $@

@@ -15,6 +15,7 @@ from tests.qwen3_fixture import build_tiny_qwen3_embedding_model
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO / "pipeline" / "data" / "sample_corpus.jsonl"
+DRIVER_RESULT_LIMIT = "8m"
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,8 @@ def spark(tmp_path_factory):
         master="local[2]", app_name="pipeline-tests",
         conf={"spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false",
               "spark.ui.showConsoleProgress": "false",
+              # Jobs that claim to keep data on the executors are held to it (test_search).
+              "spark.driver.maxResultSize": DRIVER_RESULT_LIMIT,
               "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))},
     ))
     yield session

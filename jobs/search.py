@@ -1,0 +1,99 @@
+"""Search a vectors table: exact top-k by cosine (or dot), computed on the executors.
+
+    spark-submit jobs/search.py --query "who painted the ceiling of the sistine chapel"
+    spark-submit jobs/search.py --vectors ./data/sample_vectors --queries queries.jsonl \\
+        --query-id-col _id --documents --k 100 --output ./data/results.jsonl
+    spark-submit jobs/search.py --vectors ./data/sample_vectors --export-index ./data/index
+
+Queries are embedded with the model that made the table (from `<table>_runs`), with its query
+prompt; `--instruction` sets a Qwen3 task text. Results go to `--output` (JSON lines for a .jsonl
+path, else a Delta table) or, without it, to stdout. The last stdout line is a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pipeline.config import DEFAULT_PROFILE, InputSettings, SettingsError, load_settings
+from pipeline.logs import configure_job_logging
+from pipeline.model.spec import ModelSpecError
+from pipeline.search import METRICS, SearchReport, query_frame, search_table, write_results
+from pipeline.spark.io import InputError
+from pipeline.spark.session import get_spark
+from pipeline.store.delta import ModelMismatchError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vectors", help="the vectors table (default: the profile's output)")
+    parser.add_argument("--query", action="append", default=[], help="a query text; repeatable")
+    parser.add_argument("--queries", help="queries from a file or table (any input format)")
+    parser.add_argument("--query-id-col", default="id")
+    parser.add_argument("--query-text-col", default="text")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--documents", action="store_true",
+                        help="rank documents by their best chunk instead of chunks")
+    parser.add_argument("--metric", choices=METRICS, default="cosine")
+    parser.add_argument("--instruction", help="the query task text (Qwen3-style instruction)")
+    parser.add_argument("--output", help="results: a .jsonl file or a Delta table")
+    parser.add_argument("--export-index", metavar="FOLDER",
+                        help="build an ANN index (faiss HNSW) of the table for serving instead")
+    parser.add_argument("--model", help="the query model (default: the table's own)")
+    parser.add_argument("--config", default=DEFAULT_PROFILE)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_job_logging()
+    args = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        settings = load_settings(args.config, args.overrides, {"model.name": args.model})
+        vectors = args.vectors or settings.output.path
+        spark = get_spark(settings.spark)
+        if args.export_index:
+            return export_index(spark, vectors, args)
+        source = (InputSettings(path=args.queries, id_col=args.query_id_col,
+                                text_col=args.query_text_col) if args.queries else None)
+        queries = query_frame(spark, args.query, source)
+        results, spec = search_table(spark, settings, vectors, queries, args.k, args.documents,
+                                     args.metric, explicit_model=args.model is not None,
+                                     instruction=args.instruction)
+        results = results.cache()
+        rows = results.count()
+        output = write_results(results, args.output) if args.output else None
+        if output is None:
+            print_results(results)
+    except (SettingsError, InputError, ModelSpecError, ModelMismatchError, ValueError,
+            FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = SearchReport(vectors=vectors, model_id=spec.model_id,
+                          queries=results.select("query_id").distinct().count(), k=args.k,
+                          level="document" if args.documents else "chunk", metric=args.metric,
+                          rows=rows, output=output,
+                          seconds=round(time.perf_counter() - started, 2))
+    print(json.dumps(report.to_dict(), sort_keys=True), flush=True)
+    return 0
+
+
+def print_results(results) -> None:
+    """Each query's ranked hits, for a person at a terminal."""
+    for row in results.orderBy("query_id", "rank").collect():
+        print(f"{row.query_id}\t{row.rank}\t{row.score:.4f}\t{row.doc_id}#{row.chunk_index}")
+
+
+def export_index(spark, vectors: str, args: argparse.Namespace) -> int:
+    from pipeline.ann import build_index
+
+    report = build_index(spark, vectors, args.export_index, args.metric)
+    print(json.dumps(report.to_dict(), sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Exact top-k retrieval over a vectors table, computed where the vectors live.
+
+The query matrix travels to the executors with the scoring function (Spark broadcasts a large
+pickled function); each partition scores its vectors in blocks with one matrix product and keeps
+its own top k per query; a window over the partial results makes the global top k. The corpus is
+never collected to the driver: only k rows per query and partition move.
+
+Document-level results rank documents by their best chunk. Each partition keeps its top k
+*documents* (its best chunk of each), which is exact: a document in the global top k has its best
+chunk in some partition, where fewer than k documents can beat it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from pipeline.config import InputSettings, ModelSettings, Settings, build_dataclass
+from pipeline.embed import worker_spec
+from pipeline.model.spec import ModelSpec, resolve_model_spec
+from pipeline.spark.io import read_source
+from pipeline.spark.session import default_parallelism
+from pipeline.spark.udf import WorkerSpec, embedding_udf
+from pipeline.store.delta import TableRef, check_same_model
+
+PARTIAL_DDL = "query_index int, doc_id string, chunk_index int, score float"
+RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
+METRICS = ("cosine", "dot")
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Query ids and their vectors, row for row."""
+
+    ids: list[str]
+    vectors: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.vectors):
+            raise ValueError(f"{len(self.ids)} query ids for {len(self.vectors)} vectors")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("query ids must be unique")
+
+
+# --- the pure core -------------------------------------------------------------------------
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (zero rows stay zero)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms == 0, 1, norms)
+
+
+def top_positions(scores: np.ndarray, doc_ids: np.ndarray, k: int, by_document: bool
+                  ) -> np.ndarray:
+    """Positions of the k best scores, best first; by document, only each document's best
+    position counts, so the result names k distinct documents (or all there are)."""
+    n = len(scores)
+    if not by_document:
+        chosen = np.argpartition(-scores, k - 1)[:k] if n > k else np.arange(n)
+        return chosen[np.argsort(-scores[chosen], kind="stable")]
+    window = min(n, 4 * k)
+    while True:
+        chosen = np.argpartition(-scores, window - 1)[:window] if n > window else np.arange(n)
+        ordered = chosen[np.argsort(-scores[chosen], kind="stable")]
+        _, first = np.unique(doc_ids[ordered], return_index=True)
+        best = ordered[np.sort(first)][:k]
+        if len(best) >= k or window >= n:
+            return best
+        window = min(n, window * 4)
+
+
+@dataclass
+class Candidates:
+    """One query's best rows so far."""
+
+    scores: np.ndarray
+    doc_ids: np.ndarray
+    chunk_indexes: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Candidates:
+        return cls(np.empty(0, np.float32), np.empty(0, object), np.empty(0, np.int32))
+
+    def merged(self, scores: np.ndarray, doc_ids: np.ndarray, chunk_indexes: np.ndarray,
+               k: int, by_document: bool) -> Candidates:
+        scores = np.concatenate([self.scores, scores])
+        doc_ids = np.concatenate([self.doc_ids, doc_ids])
+        chunk_indexes = np.concatenate([self.chunk_indexes, chunk_indexes])
+        keep = top_positions(scores, doc_ids, k, by_document)
+        return Candidates(scores[keep], doc_ids[keep], chunk_indexes[keep])
+
+
+def arrow_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A list<float> column of equal-length vectors as a [rows, dim] float32 matrix, no copy
+    per row."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    rows = len(column)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if rows and len(flat) % rows:
+        raise ValueError("vectors of different lengths in one table")
+    return flat.reshape(rows, -1) if rows else flat.reshape(0, 0)
+
+
+def score_batches(queries: np.ndarray, k: int, by_document: bool, normalize: bool,
+                  block_rows: int = 1024
+                  ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The function for DataFrame.mapInArrow: (doc_id, chunk_index, embedding) batches ->
+    this partition's top k rows per query."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        best = [Candidates.empty() for _ in range(len(queries))]
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            matrix = arrow_matrix(batch.column("embedding"))
+            if matrix.shape[1] != queries.shape[1]:
+                raise ValueError(f"table vectors have {matrix.shape[1]} dimensions, the "
+                                 f"queries {queries.shape[1]}")
+            if normalize:
+                matrix = unit_rows(matrix)
+            doc_ids = np.asarray(batch.column("doc_id").to_pylist(), dtype=object)
+            chunk_indexes = batch.column("chunk_index").to_numpy(zero_copy_only=False)
+            for start in range(0, len(queries), block_rows):
+                scores = queries[start:start + block_rows] @ matrix.T
+                for offset, row in enumerate(scores):
+                    keep = top_positions(row, doc_ids, k, by_document)
+                    query = start + offset
+                    best[query] = best[query].merged(row[keep], doc_ids[keep],
+                                                     chunk_indexes[keep], k, by_document)
+        yield _partial_batch(best)
+
+    return run
+
+
+def _partial_batch(best: list[Candidates]) -> pa.RecordBatch:
+    counts = [len(c.scores) for c in best]
+    return pa.RecordBatch.from_arrays([
+        pa.array(np.repeat(np.arange(len(best), dtype=np.int32), counts)),
+        pa.array([d for c in best for d in c.doc_ids], pa.string()),
+        pa.array(np.concatenate([c.chunk_indexes for c in best]).astype(np.int32)
+                 if best else np.empty(0, np.int32)),
+        pa.array(np.concatenate([c.scores for c in best]).astype(np.float32)
+                 if best else np.empty(0, np.float32)),
+    ], names=["query_index", "doc_id", "chunk_index", "score"])
+
+
+# --- Spark glue ----------------------------------------------------------------------------
+
+
+def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: int,
+                 by_document: bool = False, metric: str = "cosine") -> DataFrame:
+    """Top k (query_id, rank, doc_id, chunk_index, score) per query over a frame of
+    (doc_id, chunk_index, embedding). Cosine normalises both sides; dot takes them as they are."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    normalize = metric == "cosine"
+    matrix = np.asarray(queries.vectors, dtype=np.float32)
+    if normalize:
+        matrix = unit_rows(matrix)
+    partials = (vectors.select("doc_id", "chunk_index", "embedding")
+                .mapInArrow(score_batches(matrix, k, by_document, normalize), PARTIAL_DDL))
+    if by_document:
+        partials = partials.groupBy("query_index", "doc_id").agg(
+            F.max_by("chunk_index", "score").alias("chunk_index"), F.max("score").alias("score"))
+    order = Window.partitionBy("query_index").orderBy(F.desc("score"), F.asc("doc_id"),
+                                                      F.asc("chunk_index"))
+    ranked = (partials.withColumn("rank", F.row_number().over(order))
+              .where(F.col("rank") <= k))
+    ids = spark.createDataFrame(list(enumerate(queries.ids)), "query_index int, query_id string")
+    return ranked.join(F.broadcast(ids), "query_index").select(*RESULT_COLUMNS)
+
+
+def read_vectors(spark: SparkSession, location: str) -> tuple[DataFrame, dict[str, str]]:
+    """The vectors table and its properties."""
+    table = TableRef.parse(location)
+    if not table.exists(spark):
+        raise FileNotFoundError(f"no Delta table at {table.location}")
+    return table.delta(spark).toDF(), table.properties(spark)
+
+
+def write_results(results: DataFrame, output: str) -> str:
+    """JSON lines when the path ends in .jsonl (results are small: k rows per query), else a
+    Delta table (overwritten)."""
+    ordered = results.orderBy("query_id", "rank")
+    if output.endswith(".jsonl"):
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as handle:
+            for row in ordered.toLocalIterator():
+                handle.write(json.dumps(row.asDict(), ensure_ascii=False) + "\n")
+        return str(path.resolve())
+    table = TableRef.parse(output)
+    table.write(ordered, "overwrite")
+    return table.location
+
+
+# --- queries -------------------------------------------------------------------------------
+
+
+def table_model_settings(spark: SparkSession, location: str) -> ModelSettings | None:
+    """The model settings of the last successful run that wrote the table (from `<table>_runs`),
+    so a search embeds its queries with the model that made the vectors."""
+    runs = TableRef.parse(location).sibling("_runs")
+    if not runs.exists(spark):
+        return None
+    last = (runs.delta(spark).toDF().where(F.col("status") == "succeeded")
+            .orderBy(F.desc("ended_at")).select("config").limit(1).collect())
+    if not last:
+        return None
+    raw = json.loads(last[0]["config"]).get("model") or {}
+    return build_dataclass(ModelSettings, raw, "model")
+
+
+def query_model(spark: SparkSession, settings: Settings, location: str, explicit: bool,
+                instruction: str | None) -> ModelSpec:
+    """The query model: the one named on the command line, else the table's own; either way it
+    must have made the table's vectors."""
+    model = settings.model
+    if not explicit:
+        model = table_model_settings(spark, location) or model
+    if instruction is not None:
+        model = dataclasses.replace(model, query_instruction=instruction)
+    spec = resolve_model_spec(model)
+    properties = TableRef.parse(location).properties(spark)
+    check_same_model(TableRef.parse(location), properties, spec.table_properties())
+    return spec
+
+
+def embed_queries(frame: DataFrame, worker: WorkerSpec, partitions: int) -> Queries:
+    """(query_id, text) -> query vectors, embedded on the executors with the query prompt."""
+    embedded = (frame.select(F.col("query_id").cast("string"), F.col("text").cast("string"))
+                .repartition(partitions)
+                .withColumn("embedding", embedding_udf(worker, "query")("text"))
+                .select("query_id", "embedding").toPandas())
+    if embedded.empty:
+        raise ValueError("no queries to search")
+    return Queries(embedded.query_id.tolist(), np.stack(embedded.embedding.to_numpy())
+                   .astype(np.float32))
+
+
+def query_frame(spark: SparkSession, texts: list[str], source: InputSettings | None
+                ) -> DataFrame:
+    """Queries from the command line (ids q1, q2, ...) and/or a file or table."""
+    frames = []
+    if texts:
+        frames.append(spark.createDataFrame(
+            [(f"q{i}", text) for i, text in enumerate(texts, 1)], "query_id string, text string"))
+    if source is not None:
+        table = read_source(spark, source)
+        frames.append(table.select(F.col(source.id_col).cast("string").alias("query_id"),
+                                   F.col(source.text_col).cast("string").alias("text")))
+    if not frames:
+        raise ValueError("give queries: --query TEXT (repeatable) or --queries FILE_OR_TABLE")
+    combined = frames[0]
+    for frame in frames[1:]:
+        combined = combined.unionByName(frame)
+    return combined.where(F.col("text").isNotNull() & (F.trim("text") != ""))
+
+
+@dataclass
+class SearchReport:
+    vectors: str
+    model_id: str
+    queries: int
+    k: int
+    level: str
+    metric: str
+    rows: int
+    output: str | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def search_table(spark: SparkSession, settings: Settings, vectors: str, queries: DataFrame,
+                 k: int, by_document: bool, metric: str, explicit_model: bool = False,
+                 instruction: str | None = None) -> tuple[DataFrame, ModelSpec]:
+    """Embed the queries with the table's model and rank the table's chunks (or documents)."""
+    frame, _ = read_vectors(spark, vectors)
+    spec = query_model(spark, settings, vectors, explicit_model, instruction)
+    partitions = settings.spark.partitions or default_parallelism(spark)
+    embedded = embed_queries(queries, worker_spec(settings, spec), partitions)
+    return exact_search(spark, frame, embedded, k, by_document, metric), spec

@@ -1,0 +1,129 @@
+"""Exact distributed search against NumPy brute force, the ANN export's recall, and the search
+job on a real table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
+
+from pipeline.ann import IDS_FILE, INDEX_FILE, MANIFEST_FILE, build_index, neighbour_recall
+from pipeline.search import Queries, exact_search, top_positions, unit_rows
+
+CHUNKS_PER_DOC = 3
+
+
+def random_units(seed: int, rows: int, dim: int) -> np.ndarray:
+    return unit_rows(np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32))
+
+
+def write_vectors(spark, path, matrix: np.ndarray, files: int) -> None:
+    rows = len(matrix)
+    frame = pd.DataFrame({
+        "doc_id": [f"d{i // CHUNKS_PER_DOC:05d}" for i in range(rows)],
+        "chunk_index": (np.arange(rows) % CHUNKS_PER_DOC).astype(np.int32),
+        "embedding": list(matrix),
+    })
+    (spark.createDataFrame(frame, "doc_id string, chunk_index int, embedding array<float>")
+     .repartition(files).write.format("delta").save(str(path)))
+
+
+@pytest.fixture(scope="module")
+def corpus(spark, tmp_path_factory):
+    """30,000 unit vectors: more bytes than the driver may receive (tests/conftest.py)."""
+    matrix = random_units(1, 30_000, 96)
+    path = tmp_path_factory.mktemp("search") / "vectors"
+    write_vectors(spark, path, matrix, files=16)
+    return spark.read.format("delta").load(str(path)).repartition(16), matrix
+
+
+def brute_force(matrix: np.ndarray, queries: np.ndarray, k: int, by_document: bool):
+    scores = queries @ matrix.T
+    doc_of = np.arange(len(matrix)) // CHUNKS_PER_DOC
+    expected = []
+    for row in scores:
+        if by_document:
+            best = {}
+            for position in np.argsort(-row):
+                best.setdefault(doc_of[position], position)
+                if len(best) == k:
+                    break
+            positions = list(best.values())
+        else:
+            positions = list(np.argsort(-row)[:k])
+        expected.append([(f"d{p // CHUNKS_PER_DOC:05d}", int(p % CHUNKS_PER_DOC), float(row[p]))
+                         for p in positions])
+    return expected
+
+
+def ranked(results) -> dict[str, list[tuple[str, int, float]]]:
+    out: dict[str, list] = {}
+    for row in results.orderBy("query_id", "rank").collect():
+        out.setdefault(row.query_id, []).append((row.doc_id, row.chunk_index, row.score))
+    return out
+
+
+@pytest.mark.parametrize("by_document", [False, True], ids=["chunks", "documents"])
+def test_exact_search_equals_numpy_brute_force(spark, corpus, by_document):
+    frame, matrix = corpus
+    queries = random_units(2, 25, 96)
+    results = exact_search(spark, frame, Queries([f"q{i}" for i in range(25)], queries), k=10,
+                           by_document=by_document)
+    got = ranked(results)
+    for i, want in enumerate(brute_force(matrix, queries, 10, by_document)):
+        hits = got[f"q{i}"]
+        assert [(d, c) for d, c, _ in hits] == [(d, c) for d, c, _ in want]
+        np.testing.assert_allclose([s for *_, s in hits], [s for *_, s in want], atol=1e-5)
+
+
+def test_the_corpus_cannot_reach_the_driver_yet_search_runs(spark, corpus):
+    frame, _ = corpus
+    assert frame.rdd.getNumPartitions() == 16
+    with pytest.raises((Py4JJavaError, PySparkException), match="maxResultSize"):
+        frame.select("embedding").collect()
+    queries = Queries(["a", "b"], random_units(3, 2, 96))
+    assert exact_search(spark, frame, queries, k=5).count() == 10
+
+
+def test_dot_metric_keeps_vector_lengths(spark, tmp_path):
+    matrix = np.array([[1, 0], [0.5, 0], [0, 3]], dtype=np.float32)
+    write_vectors(spark, tmp_path / "v", matrix, files=1)
+    frame = spark.read.format("delta").load(str(tmp_path / "v"))
+    query = Queries(["q"], np.array([[1, 1]], dtype=np.float32))
+    dot = ranked(exact_search(spark, frame, query, k=3, metric="dot"))["q"]
+    cosine = ranked(exact_search(spark, frame, query, k=3, metric="cosine"))["q"]
+    assert [round(s, 4) for *_, s in dot] == [3.0, 1.0, 0.5]
+    assert [(d, c) for d, c, _ in cosine][:1] == [("d00000", 0)]  # ties at 0.7071: first doc
+    assert [round(s, 4) for *_, s in cosine] == [0.7071, 0.7071, 0.7071]
+
+
+def test_top_positions_by_document_looks_past_one_documents_many_chunks():
+    scores = np.array([0.9, 0.95, 0.97, 0.99, 0.5, 0.4], dtype=np.float32)
+    doc_ids = np.array(["a", "a", "a", "a", "b", "c"], dtype=object)
+    assert top_positions(scores, doc_ids, 1, by_document=False).tolist() == [3]
+    assert top_positions(scores, doc_ids, 2, by_document=True).tolist() == [3, 4]
+    assert top_positions(scores, doc_ids, 5, by_document=True).tolist() == [3, 4, 5]
+
+
+def test_ann_export_recall_at_10_against_exact(spark, tmp_path):
+    matrix = random_units(4, 4000, 64)
+    write_vectors(spark, tmp_path / "v", matrix, files=4)
+    report = build_index(spark, str(tmp_path / "v"), str(tmp_path / "index"))
+    assert report.vectors == 4000 and report.dimension == 64
+    assert report.recall_at_10 >= 0.95, report
+    for name in (INDEX_FILE, IDS_FILE, MANIFEST_FILE):
+        assert (tmp_path / "index" / name).exists()
+    ids = pd.read_parquet(tmp_path / "index" / IDS_FILE)
+    assert sorted(zip(ids.doc_id, ids.chunk_index, strict=True)) == sorted(
+        (f"d{i // CHUNKS_PER_DOC:05d}", i % CHUNKS_PER_DOC) for i in range(4000))
+    assert json.loads((tmp_path / "index" / MANIFEST_FILE).read_text())["recall_at_10"] == (
+        report.recall_at_10)
+
+
+def test_neighbour_recall_leaves_the_query_itself_out():
+    exact = [[7, 1, 2, 3]]
+    assert neighbour_recall(np.array([[7, 1, 2, 9]]), exact, np.array([7]), k=3) == 2 / 3
