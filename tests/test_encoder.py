@@ -117,3 +117,17 @@ def test_truncate_mode_keeps_the_prefix_that_fits(minilm_encoder):
     (chunk,) = minilm_encoder.chunk([text], window=254, overlap=0, truncate=True)[0]
     assert text.startswith(chunk.text) and len(chunk.text) < len(text)
     assert len(minilm_encoder.tokenize([chunk.text])[0]) == minilm_encoder.spec.max_length
+
+
+def test_same_weights_under_another_prompt_or_length_reuse_the_model_with_the_new_spec(
+        minilm_path, minilm_encoder):
+    from pipeline.model import load
+
+    loads = load.load_count
+    changed = resolve_model_spec(ModelSettings(name=str(minilm_path), max_length=64,
+                                               query_instruction="Find it"))
+    encoder = get_encoder(changed, 4096, 64)
+    assert encoder.spec == changed and encoder.model is minilm_encoder.model
+    assert load.load_count == loads
+    assert max(len(row) for row in encoder.tokenize(["word " * 500])) == 64
+    assert encoder.spec.prompt("query").startswith("Instruct: Find it")

@@ -57,12 +57,17 @@ def get_encoder(
     load_log_dir: str | None = None,
 ) -> Encoder:
     """The process's encoder for `spec`, loading it on first use. One model stays resident: a
-    different spec replaces it, so a GPU never holds two."""
+    different model replaces it, so a GPU never holds two; the same weights under another
+    prompt or max length are reused with the new spec."""
     global _resident, load_count
     device = pick_device(spec.device, task_gpu)
-    key = (spec.path, spec.fingerprint, str(device), spec.dtype, spec.attn_implementation)
+    key = (spec.path, spec.fingerprint, str(device), spec.dtype, spec.attn_implementation,
+           spec.padding_side)
     if _resident is not None and _resident[0] == key:
         encoder = _resident[1]
+        if encoder.spec != spec:
+            encoder = Encoder(spec, encoder.model, encoder.tokenizer, device, 1, 1)
+            _resident = (key, encoder)
     else:
         _resident = None
         encoder = _load(spec, device, load_log_dir)
