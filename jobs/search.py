@@ -19,10 +19,11 @@ import time
 from pipeline.config import DEFAULT_PROFILE, InputSettings, SettingsError, load_settings
 from pipeline.logs import configure_job_logging
 from pipeline.model.spec import ModelSpecError
-from pipeline.search import METRICS, SearchReport, query_frame, search_table, write_results
+from pipeline.search import METRICS, SearchReport, query_frame, search_table
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
 from pipeline.store.delta import ModelMismatchError
+from pipeline.store.outputs import write_output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                                      instruction=args.instruction)
         results = results.cache()
         rows = results.count()
-        output = write_results(results, args.output) if args.output else None
+        output = (write_output(results.orderBy("query_id", "rank"), args.output)
+                  if args.output else None)
         if output is None:
             print_results(results)
     except (SettingsError, InputError, ModelSpecError, ModelMismatchError, ValueError,

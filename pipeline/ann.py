@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-from pipeline.search import Queries, arrow_matrix, exact_search, read_vectors, unit_rows
+from pipeline.search import Queries, exact_search, read_vectors
+from pipeline.vectors import arrow_matrix, unit_rows
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"

@@ -53,6 +53,9 @@ class InputSettings:
     duplicates: str = "fail"
     order_col: str | None = None
     max_text_bytes: int = 1_000_000
+    # Spark CSV reader options over the defaults (header, multiLine, escape); for a headerless
+    # TSV without quoting: {sep: "\t", header: "false", quote: ""}
+    csv_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +28,7 @@ from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
 from pipeline.spark.udf import WorkerSpec, embedding_udf
 from pipeline.store.delta import TableRef, check_same_model
+from pipeline.vectors import arrow_matrix, unit_rows
 
 PARTIAL_DDL = "query_index int, doc_id string, chunk_index int, score float"
 RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
@@ -50,12 +50,6 @@ class Queries:
 
 
 # --- the pure core -------------------------------------------------------------------------
-
-
-def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1 (zero rows stay zero)."""
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.where(norms == 0, 1, norms)
 
 
 def top_positions(scores: np.ndarray, doc_ids: np.ndarray, k: int, by_document: bool
@@ -96,18 +90,6 @@ class Candidates:
         chunk_indexes = np.concatenate([self.chunk_indexes, chunk_indexes])
         keep = top_positions(scores, doc_ids, k, by_document)
         return Candidates(scores[keep], doc_ids[keep], chunk_indexes[keep])
-
-
-def arrow_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A list<float> column of equal-length vectors as a [rows, dim] float32 matrix, no copy
-    per row."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    rows = len(column)
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if rows and len(flat) % rows:
-        raise ValueError("vectors of different lengths in one table")
-    return flat.reshape(rows, -1) if rows else flat.reshape(0, 0)
 
 
 def score_batches(queries: np.ndarray, k: int, by_document: bool, normalize: bool,
@@ -187,22 +169,6 @@ def read_vectors(spark: SparkSession, location: str) -> tuple[DataFrame, dict[st
     if not table.exists(spark):
         raise FileNotFoundError(f"no Delta table at {table.location}")
     return table.delta(spark).toDF(), table.properties(spark)
-
-
-def write_results(results: DataFrame, output: str) -> str:
-    """JSON lines when the path ends in .jsonl (results are small: k rows per query), else a
-    Delta table (overwritten)."""
-    ordered = results.orderBy("query_id", "rank")
-    if output.endswith(".jsonl"):
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as handle:
-            for row in ordered.toLocalIterator():
-                handle.write(json.dumps(row.asDict(), ensure_ascii=False) + "\n")
-        return str(path.resolve())
-    table = TableRef.parse(output)
-    table.write(ordered, "overwrite")
-    return table.location
 
 
 # --- queries -------------------------------------------------------------------------------

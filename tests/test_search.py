@@ -12,7 +12,8 @@ from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 
 from pipeline.ann import IDS_FILE, INDEX_FILE, MANIFEST_FILE, build_index, neighbour_recall
-from pipeline.search import Queries, exact_search, top_positions, unit_rows
+from pipeline.search import Queries, exact_search, top_positions
+from pipeline.vectors import unit_rows
 
 CHUNKS_PER_DOC = 3
 

@@ -62,11 +62,14 @@ def _looks_like_table_name(path: str) -> bool:
             and Path(path).suffix.lower() not in SUFFIX_FORMATS)
 
 
-def read_source(spark: SparkSession, settings: InputSettings) -> DataFrame:
+def read_source(spark: SparkSession, settings: InputSettings,
+                required: dict[str, str | None] | None = None) -> DataFrame:
+    """The source as Spark reads it; the named columns (default: the id, text and title
+    settings) must exist, or the error lists what does."""
     path = resolve_input_path(settings.path)
     fmt = detect_format(path) if settings.format == "auto" else settings.format
     try:
-        df = _read(spark, path, fmt)
+        df = _read(spark, path, fmt, settings.csv_options)
         columns = df.columns
     except InputError:
         raise
@@ -74,22 +77,25 @@ def read_source(spark: SparkSession, settings: InputSettings) -> DataFrame:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise InputError(f"cannot read {path} as {fmt}: {type(error).__name__}: {first_line}"
                          ) from error
-    wanted = {"input.id_col": settings.id_col, "input.text_col": settings.text_col,
-              "input.title_col": settings.title_col}
+    wanted = required if required is not None else {
+        "input.id_col": settings.id_col, "input.text_col": settings.text_col,
+        "input.title_col": settings.title_col}
     missing = [f"{key}={name!r}" for key, name in wanted.items() if name and name not in columns]
     if missing:
         raise InputError(f"{path} ({fmt}) has no column {', '.join(missing)}; it has {columns}")
     return df
 
 
-def _read(spark: SparkSession, path: str, fmt: str) -> DataFrame:
+CSV_DEFAULTS = {"header": "true", "multiLine": "true", "escape": '"'}
+
+
+def _read(spark: SparkSession, path: str, fmt: str, csv_options: dict[str, str]) -> DataFrame:
     if fmt == "table":
         return spark.table(path.removeprefix(TABLE_PREFIX))
     if fmt == "jsonl":
         return spark.read.json(path)
     if fmt == "csv":
-        return (spark.read.option("header", True).option("multiLine", True)
-                .option("escape", '"').csv(path))
+        return spark.read.options(**{**CSV_DEFAULTS, **csv_options}).csv(path)
     return spark.read.format(fmt).load(path)
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import ModelSpec
+from pipeline.vectors import row_cosines
 
 log = logging.getLogger("pipeline.spark.udf")
 
@@ -136,6 +137,22 @@ def embedding_udf(spec: WorkerSpec, kind: str = "document"):
             yield pd.Series(list(vectors))
 
     return embed
+
+
+def similarity_udf(spec: WorkerSpec, kind: str = "document"):
+    """An iterator pandas UDF: two text columns -> the cosine of their vectors. Both sides of a
+    batch are embedded together, so they share token-budget batches."""
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf("double")
+    def score(pairs: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
+        encoder = worker_encoder(spec)
+        for left, right in pairs:
+            vectors = encoder.embed(left.fillna("").tolist() + right.fillna("").tolist(), kind)
+            yield pd.Series(row_cosines(vectors[:len(left)], vectors[len(left):]),
+                            dtype="float64")
+
+    return score
 
 
 def _log_partition(documents: int, stats: EncodeStats, seconds: float) -> None:
