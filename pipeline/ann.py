@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-from pipeline.search import Queries, exact_search, read_vectors
+from pipeline.search import Queries, decoded_vectors, exact_search, read_vectors
 from pipeline.vectors import arrow_matrix, unit_rows
 
 INDEX_FILE = "index.faiss"
@@ -79,6 +79,7 @@ def build_index(spark: SparkSession, vectors: str, folder: str, metric: str = "c
     """Write `index.faiss`, `ids.parquet` (position -> doc_id, chunk_index) and `index.json`."""
     started = time.perf_counter()
     frame, properties = read_vectors(spark, vectors)
+    frame = decoded_vectors(frame, properties)
     table = frame.select("doc_id", "chunk_index", "embedding").toArrow()
     if table.num_rows == 0:
         raise ValueError(f"{vectors} holds no vectors to index")

@@ -15,6 +15,7 @@ from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from pipeline.search import decoded_vectors, read_vectors
 from pipeline.store.delta import TableRef
 
 log = logging.getLogger("pipeline.cluster")
@@ -45,9 +46,8 @@ class ClusterReport:
 
 
 def load_features(spark: SparkSession, vectors: str) -> DataFrame:
-    table = TableRef.parse(vectors)
-    frame = table.delta(spark).toDF()
-    return frame.select("doc_id", "chunk_index", "chunk_text",
+    frame, properties = read_vectors(spark, vectors)
+    return decoded_vectors(frame, properties).select("doc_id", "chunk_index", "chunk_text",
                         array_to_vector("embedding").alias("features"))
 
 

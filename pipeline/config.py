@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.vectors import VECTOR_FORMATS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_PROFILE = "local"
 
@@ -63,6 +65,7 @@ class OutputSettings:
     path: str = ""
     mode: str = "incremental"
     store_text: bool = True
+    vector_format: str = "float32"    # or float16, int8 (per-vector scale), binary (sign bits)
     delete_missing: bool | None = None
     wave_docs: int = 50_000
     commit_retries: int = 3
@@ -252,6 +255,7 @@ def validate(settings: Settings) -> None:
         ("model.attn_implementation", settings.model.attn_implementation, ATTENTION),
         ("model.padding_side", settings.model.padding_side, PADDING_SIDES),
         ("chunking.mode", settings.chunking.mode, CHUNK_MODES),
+        ("output.vector_format", settings.output.vector_format, VECTOR_FORMATS),
     ]
     for key, value, allowed in checks:
         if value not in allowed:

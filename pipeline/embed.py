@@ -134,6 +134,7 @@ def worker_spec(settings: Settings, spec: ModelSpec) -> WorkerSpec:
         chunk_tokens=settings.chunking.chunk_tokens,
         chunk_overlap=settings.chunking.chunk_overlap,
         store_text=settings.output.store_text,
+        vector_format=settings.output.vector_format,
         load_log_dir=settings.run.load_log_dir,
     )
 
@@ -170,7 +171,7 @@ def dry_run_plan(run: Run, flagged: DataFrame) -> RunPlan:
     """The plan, with the same model guard as a real run, and nothing written."""
     exists = run.table.exists(run.spark)
     if exists and run.settings.output.mode != "overwrite":
-        check_same_model(run.table, run.table.properties(run.spark), run.spec.table_properties())
+        check_same_model(run.table, run.table.properties(run.spark), table_properties(run))
     plan, planned = make_plan(run, flagged,
                               table_exists=exists and run.settings.output.mode == "incremental")
     planned.unpersist()
@@ -180,7 +181,7 @@ def dry_run_plan(run: Run, flagged: DataFrame) -> RunPlan:
 
 def _run(run: Run, flagged: DataFrame) -> tuple[RunSummary, RunPlan]:
     mode = run.settings.output.mode
-    properties = run.spec.table_properties()
+    properties = table_properties(run)
     existed = prepare_table(run.spark, run.table, run.spark.createDataFrame([], VECTOR_DDL),
                             mode, properties)
     plan, planned = make_plan(run, flagged, table_exists=existed and mode == "incremental")
@@ -200,6 +201,12 @@ def _run(run: Run, flagged: DataFrame) -> tuple[RunSummary, RunPlan]:
     finally:
         planned.unpersist()
     return summarize(run, plan, totals, version), plan
+
+
+def table_properties(run: Run) -> dict[str, str]:
+    """What the table says about its vectors: the model's properties and the stored format."""
+    return {**run.spec.table_properties(),
+            "pipeline.vector_format": run.settings.output.vector_format}
 
 
 def flag_rows(source: DataFrame, settings: InputSettings) -> DataFrame:

@@ -28,8 +28,11 @@ from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
 from pipeline.spark.udf import WorkerSpec, embedding_udf
 from pipeline.store.delta import TableRef, check_same_model
-from pipeline.vectors import arrow_matrix, unit_rows
+from pipeline.vectors import batch_matrix, unit_rows, vectors_to_arrow
 
+STORED_COLUMNS = {"float32": ("embedding",), "float16": ("embedding_packed",),
+                  "int8": ("embedding_packed", "embedding_scale"),
+                  "binary": ("embedding_packed",)}
 PARTIAL_DDL = "query_index int, doc_id string, chunk_index int, score float"
 RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
 METRICS = ("cosine", "dot")
@@ -93,17 +96,17 @@ class Candidates:
 
 
 def score_batches(queries: np.ndarray, k: int, by_document: bool, normalize: bool,
-                  block_rows: int = 1024
+                  vector_format: str = "float32", block_rows: int = 1024
                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The function for DataFrame.mapInArrow: (doc_id, chunk_index, embedding) batches ->
-    this partition's top k rows per query."""
+    """The function for DataFrame.mapInArrow: batches of (doc_id, chunk_index) and the stored
+    vector columns -> this partition's top k rows per query."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         best = [Candidates.empty() for _ in range(len(queries))]
         for batch in batches:
             if not batch.num_rows:
                 continue
-            matrix = arrow_matrix(batch.column("embedding"))
+            matrix = batch_matrix(batch, vector_format, queries.shape[1])
             if matrix.shape[1] != queries.shape[1]:
                 raise ValueError(f"table vectors have {matrix.shape[1]} dimensions, the "
                                  f"queries {queries.shape[1]}")
@@ -139,9 +142,11 @@ def _partial_batch(best: list[Candidates]) -> pa.RecordBatch:
 
 
 def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: int,
-                 by_document: bool = False, metric: str = "cosine") -> DataFrame:
-    """Top k (query_id, rank, doc_id, chunk_index, score) per query over a frame of
-    (doc_id, chunk_index, embedding). Cosine normalises both sides; dot takes them as they are."""
+                 by_document: bool = False, metric: str = "cosine",
+                 vector_format: str = "float32") -> DataFrame:
+    """Top k (query_id, rank, doc_id, chunk_index, score) per query over a vectors frame
+    (doc_id, chunk_index and the columns of its vector format). Cosine normalises both sides;
+    dot takes them as they are. Binary vectors score as -1/+1 against the float queries."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if k < 1:
@@ -150,8 +155,9 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
     matrix = np.asarray(queries.vectors, dtype=np.float32)
     if normalize:
         matrix = unit_rows(matrix)
-    partials = (vectors.select("doc_id", "chunk_index", "embedding")
-                .mapInArrow(score_batches(matrix, k, by_document, normalize), PARTIAL_DDL))
+    partials = (vectors.select("doc_id", "chunk_index", *STORED_COLUMNS[vector_format])
+                .mapInArrow(score_batches(matrix, k, by_document, normalize, vector_format),
+                            PARTIAL_DDL))
     if by_document:
         partials = partials.groupBy("query_index", "doc_id").agg(
             F.max_by("chunk_index", "score").alias("chunk_index"), F.max("score").alias("score"))
@@ -161,6 +167,32 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
               .where(F.col("rank") <= k))
     ids = spark.createDataFrame(list(enumerate(queries.ids)), "query_index int, query_id string")
     return ranked.join(F.broadcast(ids), "query_index").select(*RESULT_COLUMNS)
+
+
+def vector_format(properties: dict[str, str]) -> str:
+    return properties.get("pipeline.vector_format", "float32")
+
+
+def decoded_vectors(frame: DataFrame, properties: dict[str, str]) -> DataFrame:
+    """The table with `embedding` as array<float> whatever the stored format, for consumers
+    that need plain vectors (clustering, index export)."""
+    fmt = vector_format(properties)
+    packed = [c for c in ("embedding_packed", "embedding_scale") if c in frame.columns]
+    if fmt == "float32":
+        return frame.drop(*packed)
+    dim = int(properties["pipeline.dimension"])
+    kept = frame.drop(*packed, "embedding")
+
+    names = kept.columns
+
+    def decode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            columns = [batch.column(name) for name in names]
+            columns.append(vectors_to_arrow(batch_matrix(batch, fmt, dim)))
+            yield pa.RecordBatch.from_arrays(columns, names=[*names, "embedding"])
+
+    schema = kept.withColumn("embedding", F.lit(None).cast("array<float>")).schema
+    return frame.mapInArrow(decode, schema)
 
 
 def read_vectors(spark: SparkSession, location: str) -> tuple[DataFrame, dict[str, str]]:
@@ -254,8 +286,9 @@ def search_table(spark: SparkSession, settings: Settings, vectors: str, queries:
                  k: int, by_document: bool, metric: str, explicit_model: bool = False,
                  instruction: str | None = None) -> tuple[DataFrame, ModelSpec]:
     """Embed the queries with the table's model and rank the table's chunks (or documents)."""
-    frame, _ = read_vectors(spark, vectors)
+    frame, properties = read_vectors(spark, vectors)
     spec = query_model(spark, settings, vectors, explicit_model, instruction)
     partitions = settings.spark.partitions or default_parallelism(spark)
     embedded = embed_queries(queries, worker_spec(settings, spec), partitions)
-    return exact_search(spark, frame, embedded, k, by_document, metric), spec
+    return exact_search(spark, frame, embedded, k, by_document, metric,
+                        vector_format(properties)), spec

@@ -27,3 +27,58 @@ def arrow_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if rows and len(flat) % rows:
         raise ValueError("vectors of different lengths in one table")
     return flat.reshape(rows, -1) if rows else flat.reshape(0, 0)
+
+
+def vectors_to_arrow(vectors: np.ndarray) -> pa.ListArray:
+    """[rows, dim] float32 -> Arrow list<float> without a Python loop."""
+    rows, dim = vectors.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), pa.float32()))
+
+
+# --- stored formats ------------------------------------------------------------------------
+# float32 keeps `embedding` (array<float>); the compact formats keep `embedding` null and store
+# `embedding_packed` (binary) with, for int8, the per-vector `embedding_scale`.
+VECTOR_FORMATS = ("float32", "float16", "int8", "binary")
+
+
+def pack_vectors(vectors: np.ndarray, fmt: str) -> tuple[list[bytes], np.ndarray | None]:
+    """[rows, dim] float32 -> one bytes value per row, and int8's per-row scales.
+    float16: 2 bytes a dimension; int8: 1 byte, symmetric, scaled by the row's largest
+    magnitude; binary: 1 bit (the sign), packed 8 to a byte."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if fmt == "float16":
+        return [row.tobytes() for row in vectors.astype("<f2")], None
+    if fmt == "int8":
+        scales = np.abs(vectors).max(axis=1) / 127.0
+        safe = np.where(scales == 0, 1.0, scales)[:, None]
+        quantized = np.clip(np.rint(vectors / safe), -127, 127).astype(np.int8)
+        return [row.tobytes() for row in quantized], scales.astype(np.float32)
+    if fmt == "binary":
+        return [row.tobytes() for row in np.packbits(vectors > 0, axis=1)], None
+    raise ValueError(f"vector format must be one of {VECTOR_FORMATS[1:]} to pack, got {fmt!r}")
+
+
+def unpack_vectors(packed: list[bytes], scales: np.ndarray | None, fmt: str, dim: int
+                   ) -> np.ndarray:
+    """The inverse of pack_vectors, as float32 (binary as -1/+1 per dimension)."""
+    joined = b"".join(packed)
+    rows = len(packed)
+    if fmt == "float16":
+        return np.frombuffer(joined, "<f2").reshape(rows, dim).astype(np.float32)
+    if fmt == "int8":
+        quantized = np.frombuffer(joined, np.int8).reshape(rows, dim).astype(np.float32)
+        return quantized * np.asarray(scales, np.float32)[:, None]
+    if fmt == "binary":
+        bits = np.unpackbits(np.frombuffer(joined, np.uint8).reshape(rows, -1), axis=1)
+        return bits[:, :dim].astype(np.float32) * 2 - 1
+    raise ValueError(f"unknown vector format {fmt!r}")
+
+
+def batch_matrix(batch: pa.RecordBatch, fmt: str, dim: int) -> np.ndarray:
+    """A batch's vectors as [rows, dim] float32, whichever format the table stores."""
+    if fmt == "float32":
+        return arrow_matrix(batch.column("embedding"))
+    scales = (batch.column("embedding_scale").to_numpy(zero_copy_only=False)
+              if fmt == "int8" else None)
+    return unpack_vectors(batch.column("embedding_packed").to_pylist(), scales, fmt, dim)

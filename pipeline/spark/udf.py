@@ -16,7 +16,7 @@ import pyarrow as pa
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import ModelSpec
-from pipeline.vectors import row_cosines
+from pipeline.vectors import pack_vectors, row_cosines, vectors_to_arrow
 
 log = logging.getLogger("pipeline.spark.udf")
 
@@ -29,11 +29,14 @@ CHUNK_SCHEMA = pa.schema([
     ("token_count", pa.int32()),
     ("padded_tokens", pa.int32()),
     ("embedding", pa.list_(pa.float32())),
+    ("embedding_packed", pa.binary()),
+    ("embedding_scale", pa.float32()),
     ("content_hash", pa.string()),
 ])
 CHUNK_DDL = (
     "doc_id string, chunk_index int, chunk_text string, char_start int, char_end int, "
-    "token_count int, padded_tokens int, embedding array<float>, content_hash string"
+    "token_count int, padded_tokens int, embedding array<float>, embedding_packed binary, "
+    "embedding_scale float, content_hash string"
 )
 
 
@@ -49,6 +52,7 @@ class WorkerSpec:
     chunk_tokens: int | None = None
     chunk_overlap: int = 32
     store_text: bool = True
+    vector_format: str = "float32"
     load_log_dir: str | None = None
 
 
@@ -93,17 +97,21 @@ def embed_record_batch(encoder: Encoder, spec: WorkerSpec, batch: pa.RecordBatch
         pa.array([chunk.char_end for chunk in chunks], pa.int32()),
         pa.array(token_counts),
         pa.array(padded.astype(np.int32)),
-        vectors_to_arrow(vectors),
+        *stored_vectors(vectors, spec.vector_format),
         pa.array([hashes[doc] for doc in owners], pa.string()),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=CHUNK_SCHEMA)
 
 
-def vectors_to_arrow(vectors: np.ndarray) -> pa.ListArray:
-    """[rows, dim] float32 -> Arrow list<float> without a Python loop."""
-    rows, dim = vectors.shape
-    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), pa.float32()))
+def stored_vectors(vectors: np.ndarray, fmt: str) -> list[pa.Array]:
+    """The embedding, embedding_packed and embedding_scale columns of a vector format."""
+    rows = len(vectors)
+    if fmt == "float32":
+        return [vectors_to_arrow(vectors), pa.nulls(rows, pa.binary()),
+                pa.nulls(rows, pa.float32())]
+    packed, scales = pack_vectors(vectors, fmt)
+    return [pa.nulls(rows, pa.list_(pa.float32())), pa.array(packed, pa.binary()),
+            pa.array(scales, pa.float32()) if scales is not None else pa.nulls(rows, pa.float32())]
 
 
 def chunk_and_embed(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],

@@ -18,7 +18,8 @@ from pyspark.sql import functions as F
 
 VECTOR_DDL = (
     "doc_id string, chunk_index int, chunk_text string, char_start int, char_end int, "
-    "token_count int, embedding array<float>, content_hash string, model_id string, "
+    "token_count int, embedding array<float>, embedding_packed binary, embedding_scale float, "
+    "content_hash string, model_id string, "
     "model_fingerprint string, embedded_at timestamp, run_id string"
 )
 VECTOR_COLUMNS = tuple(part.split()[0] for part in VECTOR_DDL.split(", "))
@@ -128,8 +129,8 @@ def with_commit_retries(action: Callable[[], T], what: str, retries: int) -> T:
 
 def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, str]) -> None:
     """Refuse to add vectors of another model or dimension to a table."""
-    for key in ("pipeline.model_fingerprint", "pipeline.dimension"):
-        if key in stored and stored[key] != wanted[key]:
+    for key in ("pipeline.model_fingerprint", "pipeline.dimension", "pipeline.vector_format"):
+        if key in stored and key in wanted and stored[key] != wanted[key]:
             raise ModelMismatchError(
                 f"{table.location} holds vectors with {key}={stored[key]} "
                 f"(model {stored.get('pipeline.model_id')}), this run makes {key}={wanted[key]} "
