@@ -75,6 +75,17 @@ def unpack_vectors(packed: list[bytes], scales: np.ndarray | None, fmt: str, dim
     raise ValueError(f"unknown vector format {fmt!r}")
 
 
+def stored_vectors(vectors: np.ndarray, fmt: str) -> list[pa.Array]:
+    """The embedding, embedding_packed and embedding_scale columns of a vector format."""
+    rows = len(vectors)
+    if fmt == "float32":
+        return [vectors_to_arrow(vectors), pa.nulls(rows, pa.binary()),
+                pa.nulls(rows, pa.float32())]
+    packed, scales = pack_vectors(vectors, fmt)
+    return [pa.nulls(rows, pa.list_(pa.float32())), pa.array(packed, pa.binary()),
+            pa.array(scales, pa.float32()) if scales is not None else pa.nulls(rows, pa.float32())]
+
+
 def batch_matrix(batch: pa.RecordBatch, fmt: str, dim: int) -> np.ndarray:
     """A batch's vectors as [rows, dim] float32, whichever format the table stores."""
     if fmt == "float32":

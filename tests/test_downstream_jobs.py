@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs import evaluate_retrieval, score_similarity, search
+from jobs import benchmark_storage, evaluate_retrieval, score_similarity, search
 from pipeline.config import ModelSettings, load_settings
 from pipeline.embed import worker_spec
 from pipeline.metrics import pearson, spearman
@@ -153,3 +153,22 @@ def test_evaluation_matches_plain_sentence_transformers_and_reuses_its_vectors(
 def test_evaluation_names_a_folder_that_is_not_beir(tmp_path, capsys):
     assert evaluate_retrieval.main(["--dataset", str(tmp_path)]) == 2
     assert "not a BEIR dataset folder" in capsys.readouterr().err
+
+
+def test_storage_benchmark_reports_bytes_and_quality_per_format(spark, tiny_beir, tmp_path,
+                                                                 capsys):
+    vectors = tmp_path / "float32"
+    embed(spark, tiny_beir / "corpus.jsonl", vectors, "chunking.mode=truncate",
+          "spark.partitions=2")
+    assert benchmark_storage.main([
+        "--dataset", str(tiny_beir), "--vectors", str(vectors), "--dims", "384,64",
+        "--work", str(tmp_path / "variants")]) == 0
+    rows = {(r["format"], r["dim"]): r for r in last_json(capsys)["rows"]}
+    assert len(rows) == 8
+    full = rows[("float32", 384)]["vector_bytes"]
+    assert full >= 384 * 4 * 0.9, "float32 hardly compresses"
+    assert rows[("float16", 384)]["vector_bytes"] < 0.6 * full
+    assert rows[("int8", 384)]["vector_bytes"] < 0.35 * full
+    assert rows[("binary", 384)]["vector_bytes"] < 0.1 * full
+    assert rows[("int8", 64)]["vector_bytes"] < rows[("int8", 384)]["vector_bytes"]
+    assert abs(rows[("float16", 384)]["ndcg@10_delta"]) <= 0.01

@@ -16,7 +16,7 @@ import pyarrow as pa
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import ModelSpec
-from pipeline.vectors import pack_vectors, row_cosines, vectors_to_arrow
+from pipeline.vectors import row_cosines, stored_vectors
 
 log = logging.getLogger("pipeline.spark.udf")
 
@@ -101,17 +101,6 @@ def embed_record_batch(encoder: Encoder, spec: WorkerSpec, batch: pa.RecordBatch
         pa.array([hashes[doc] for doc in owners], pa.string()),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=CHUNK_SCHEMA)
-
-
-def stored_vectors(vectors: np.ndarray, fmt: str) -> list[pa.Array]:
-    """The embedding, embedding_packed and embedding_scale columns of a vector format."""
-    rows = len(vectors)
-    if fmt == "float32":
-        return [vectors_to_arrow(vectors), pa.nulls(rows, pa.binary()),
-                pa.nulls(rows, pa.float32())]
-    packed, scales = pack_vectors(vectors, fmt)
-    return [pa.nulls(rows, pa.list_(pa.float32())), pa.array(packed, pa.binary()),
-            pa.array(scales, pa.float32()) if scales is not None else pa.nulls(rows, pa.float32())]
 
 
 def chunk_and_embed(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],

@@ -1,0 +1,131 @@
+"""Storage benchmark: bytes per stored vector and retrieval quality for each vector format and
+Matryoshka dimension, on a BEIR dataset whose float32 vectors table exists.
+
+    python jobs/evaluate_retrieval.py --dataset ../shared/data/scifact --vectors /tmp/scifact
+    python jobs/benchmark_storage.py --dataset ../shared/data/scifact --vectors /tmp/scifact \\
+        --json storage.json
+
+Each variant table is derived from the float32 table with the pipeline's own packing
+(`pipeline.vectors.stored_vectors`: truncate to the dimension, renormalise, pack), which is what
+an embedding run with `output.vector_format` and `model.output_dim` writes (tests/test_storage.py
+holds the two equal). Bytes are the vector columns' compressed Parquet sizes from the files of the
+table's current version. Queries are embedded once, in float32, and truncated likewise; retrieval
+is the exact distributed search, scored with pipeline.metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+
+from pipeline.config import DEFAULT_PROFILE, load_settings
+from pipeline.evaluate import beir_files
+from pipeline.logs import configure_job_logging
+from pipeline.metrics import read_qrels, retrieval_scores
+from pipeline.model.load import get_encoder
+from pipeline.model.spec import resolve_model_spec
+from pipeline.search import Queries, exact_search
+from pipeline.spark.session import get_spark
+from pipeline.vectors import VECTOR_FORMATS, arrow_matrix, stored_vectors, unit_rows
+
+VARIANT_DDL = ("doc_id string, chunk_index int, embedding array<float>, "
+               "embedding_packed binary, embedding_scale float")
+
+
+def repack(fmt: str, dim: int):
+    """mapInArrow function: float32 vectors -> the variant's stored columns."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            matrix = unit_rows(arrow_matrix(batch.column("embedding"))[:, :dim])
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("doc_id"), batch.column("chunk_index"),
+                 *stored_vectors(matrix, fmt)],
+                names=["doc_id", "chunk_index", "embedding", "embedding_packed",
+                       "embedding_scale"])
+
+    return run
+
+
+def vector_bytes(path: str) -> tuple[float, float]:
+    """(vector column bytes, whole-row bytes) per row, compressed, current version only."""
+    files = DeltaTable(path).file_uris()
+    vector = total = rows = 0
+    for uri in files:
+        metadata = pq.ParquetFile(uri.removeprefix("file://")).metadata
+        rows += metadata.num_rows
+        for group in range(metadata.num_row_groups):
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                total += chunk.total_compressed_size
+                if chunk.path_in_schema.startswith("embedding"):
+                    vector += chunk.total_compressed_size
+    return vector / rows, total / rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_job_logging()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--vectors", required=True, help="the float32 vectors table")
+    parser.add_argument("--dims", default="384,256,128")
+    parser.add_argument("--formats", default=",".join(VECTOR_FORMATS))
+    parser.add_argument("--work", default="data/storage_benchmark")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--config", default=DEFAULT_PROFILE)
+    args = parser.parse_args(argv)
+
+    settings = load_settings(args.config)
+    spark = get_spark(settings.spark)
+    _, queries_path, qrels_path = beir_files(args.dataset, args.split)
+    qrels = read_qrels(qrels_path)
+    asked = [q for q in map(json.loads, queries_path.read_text().splitlines())
+             if str(q["_id"]) in qrels]
+    encoder = get_encoder(resolve_model_spec(settings.model), 16384, 256)
+    query_matrix = encoder.embed([q["text"] for q in asked], "query")
+    source = spark.read.format("delta").load(args.vectors).select("doc_id", "chunk_index",
+                                                                  "embedding")
+    rows = []
+    for dim in [int(d) for d in args.dims.split(",")]:
+        queries = Queries([str(q["_id"]) for q in asked], unit_rows(query_matrix[:, :dim]))
+        for fmt in args.formats.split(","):
+            path = str(Path(args.work).resolve() / f"{fmt}_{dim}")
+            source.mapInArrow(repack(fmt, dim), VARIANT_DDL).write.format("delta").mode(
+                "overwrite").save(path)
+            frame = spark.read.format("delta").load(path)
+            run: dict[str, dict[str, float]] = {}
+            for hit in exact_search(spark, frame, queries, 100, by_document=True,
+                                    vector_format=fmt).collect():
+                run.setdefault(hit.query_id, {})[hit.doc_id] = float(hit.score)
+            per_vector, per_row = vector_bytes(path)
+            rows.append({"format": fmt, "dim": dim, "vector_bytes": round(per_vector, 1),
+                         "row_bytes": round(per_row, 1), **retrieval_scores(qrels, run)})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    base = next(r for r in rows if r["format"] == "float32" and r["dim"] == max(
+        int(d) for d in args.dims.split(",")))
+    for row in rows:
+        row["size_vs_float32"] = round(row["vector_bytes"] / base["vector_bytes"], 4)
+        row["ndcg@10_delta"] = round(row["ndcg@10"] - base["ndcg@10"], 4)
+    print("| format | dim | bytes/vector | vs float32 | nDCG@10 | delta | Recall@100 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['format']} | {r['dim']} | {r['vector_bytes']:.0f} | "
+              f"{r['size_vs_float32']:.3f} | {r['ndcg@10']:.4f} | {r['ndcg@10_delta']:+.4f} | "
+              f"{r['recall@100']:.4f} |")
+    report = {"dataset": Path(args.dataset).name, "split": args.split, "queries": len(asked),
+              "model_id": encoder.spec.model_id, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
