@@ -19,7 +19,7 @@ import time
 from pipeline.config import DEFAULT_PROFILE, InputSettings, SettingsError, load_settings
 from pipeline.logs import configure_job_logging
 from pipeline.model.spec import ModelSpecError
-from pipeline.search import METRICS, SearchReport, query_frame, search_table
+from pipeline.search import METRICS, SearchReport, query_frame, read_vectors, search_table
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
 from pipeline.store.delta import ModelMismatchError
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         output = (write_output(results.orderBy("query_id", "rank"), args.output)
                   if args.output else None)
         if output is None:
-            print_results(results)
+            print_results(results, vectors, spark)
     except (SettingsError, InputError, ModelSpecError, ModelMismatchError, ValueError,
             FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -83,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_results(results) -> None:
-    """Each query's ranked hits, for a person at a terminal."""
-    for row in results.orderBy("query_id", "rank").collect():
-        print(f"{row.query_id}\t{row.rank}\t{row.score:.4f}\t{row.doc_id}#{row.chunk_index}")
+def print_results(results, vectors: str, spark) -> None:
+    """Each query's ranked hits with the start of the chunk's text, for a person at a terminal."""
+    frame, _ = read_vectors(spark, vectors)
+    texts = frame.select("doc_id", "chunk_index", "chunk_text")
+    for row in (results.join(texts, ["doc_id", "chunk_index"], "left")
+                .orderBy("query_id", "rank").collect()):
+        snippet = " ".join((row.chunk_text or "").split())[:100]
+        print(f"{row.query_id}\t{row.rank}\t{row.score:.4f}\t{row.doc_id}#{row.chunk_index}\t"
+              f"{snippet}")
 
 
 def export_index(spark, vectors: str, args: argparse.Namespace) -> int:
