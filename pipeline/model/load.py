@@ -34,9 +34,21 @@ def pick_device(requested: str, task_gpu: str | None = None) -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs; fp32 on CPUs unless asked (bf16 is ~1.75x faster where the CPU has
+    avx512_bf16 or AMX, and emulated, slower, where it has neither)."""
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if requested == "bfloat16" and device.type == "cpu" and not _cpu_has_bf16():
+        log.warning("bfloat16 on a CPU without avx512_bf16 or AMX is emulated and usually "
+                    "slower than float32")
     return getattr(torch, requested)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def pick_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
