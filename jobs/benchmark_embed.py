@@ -567,11 +567,11 @@ def code_version() -> dict[str, Any]:
     """The commit the numbers come from, and library files changed since."""
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return done.stdout.strip()
+        return done.stdout
 
     changed = git("status", "--porcelain", "--", "pipeline", "conf").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": [line[3:] for line in changed]}
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+            "uncommitted": [line[3:] for line in changed if line.strip()]}
 
 
 def corpora(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
