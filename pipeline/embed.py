@@ -152,7 +152,7 @@ def run_embedding(spark: SparkSession, settings: Settings, dry_run: bool = False
     source = read_source(spark, settings.input)
     run = Run(spark, settings, resolve_model_spec(settings.model),
               TableRef.parse(settings.output.path))
-    flagged = flag_rows(source, settings.input)
+    flagged = flag_rows(source, settings.input, run.run_id)
     if dry_run:
         return dry_run_plan(run, flagged)
     plan = RunPlan()
@@ -209,9 +209,13 @@ def table_properties(run: Run) -> dict[str, str]:
             "pipeline.vector_format": run.settings.output.vector_format}
 
 
-def flag_rows(source: DataFrame, settings: InputSettings) -> DataFrame:
+def flag_rows(source: DataFrame, settings: InputSettings, run_id: str) -> DataFrame:
     """Every source row with its document text, hash and reject reason (null when valid);
-    duplicate ids fail the run or, with keep_last, reject all but the last row per id."""
+    duplicate ids fail the run or, with keep_last, reject all but the last row per id.
+
+    The persisted frame carries the run id: Spark shares cached data between equal plans, and
+    a Delta scan's plan is equal at every table version, so without it a concurrent or later run
+    in the same session could read this run's cached plan of an older table version."""
     docs = documents(source, settings)
     valid = F.col("reject_reason").isNull()
     if settings.duplicates == "fail":
@@ -224,7 +228,8 @@ def flag_rows(source: DataFrame, settings: InputSettings) -> DataFrame:
         flagged = docs.withColumn("reject_reason", F.when(
             superseded, F.lit(f"duplicate id, superseded by a later {settings.order_col}")
         ).otherwise(F.col("reject_reason")))
-    return flagged.drop("order_key").persist(StorageLevel.DISK_ONLY)
+    return (flagged.drop("order_key").withColumn("run_id", F.lit(run_id))
+            .persist(StorageLevel.DISK_ONLY))
 
 
 def _fail_on_duplicate_ids(valid: DataFrame) -> None:
