@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_PROFILE)
     args = parser.parse_args(argv)
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, require_io=False)
     spark = get_spark(settings.spark)
     _, queries_path, qrels_path = beir_files(args.dataset, args.split)
     qrels = read_qrels(qrels_path)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config, args.overrides, {
-            "model.name": args.model, "chunking.mode": args.chunking})
+            "model.name": args.model, "chunking.mode": args.chunking}, require_io=False)
         spark = get_spark(settings.spark)
         report = evaluate_retrieval(spark, settings, args.dataset, args.split, args.vectors,
                                     compare_reference=args.compare_sentence_transformers)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config, args.overrides, {
-            "input.path": args.input, "input.format": args.format, "model.name": args.model})
+            "input.path": args.input, "input.format": args.format, "model.name": args.model},
+            require_io=False)
         spark = get_spark(settings.spark)
         scored, report = score_pairs(spark, settings, args.text_a_col, args.text_b_col,
                                      args.gold_col, args.kind, args.output)

@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     try:
-        settings = load_settings(args.config, args.overrides, {"model.name": args.model})
+        settings = load_settings(args.config, args.overrides, {"model.name": args.model},
+                                 require_io=False)
         vectors = args.vectors or settings.output.path
+        if not vectors:
+            raise SettingsError("which table? --vectors (the profile sets no output.path)")
         spark = get_spark(settings.spark)
         if args.export_index:
             return export_index(spark, vectors, args)

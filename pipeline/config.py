@@ -152,8 +152,11 @@ def load_settings(
     profile: str = DEFAULT_PROFILE,
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
+    require_io: bool = True,
 ) -> Settings:
-    """Profile, then `--set a.b=value` overrides, then explicit flags (already dotted keys)."""
+    """Profile, then `--set a.b=value` overrides, then explicit flags (already dotted keys).
+    `require_io=False` for the jobs that read their input and output from their own flags (search,
+    scoring, evaluation), so production profiles that leave input and output empty serve them."""
     raw = yaml.safe_load(profile_path(profile).read_text()) or {}
     if not isinstance(raw, dict):
         raise SettingsError(f"profile {profile} must be a mapping of sections")
@@ -164,7 +167,7 @@ def load_settings(
         if value is not None:
             set_dotted(raw, key, value)
     settings = build_dataclass(Settings, raw, "")
-    validate(settings)
+    validate(settings, require_io)
     return settings
 
 
@@ -243,7 +246,7 @@ def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def validate(settings: Settings) -> None:
+def validate(settings: Settings, require_io: bool = True) -> None:
     """Checks that need no I/O; inputs and model folders are checked by the job, up front."""
     checks = [
         ("input.format", settings.input.format, INPUT_FORMATS),
@@ -261,8 +264,8 @@ def validate(settings: Settings) -> None:
         if value not in allowed:
             raise SettingsError(f"{key} is {value!r}; choose one of {list(allowed)}")
     required = [
-        ("input.path", settings.input.path),
-        ("output.path", settings.output.path),
+        *([("input.path", settings.input.path), ("output.path", settings.output.path)]
+          if require_io else []),
         ("model.name", settings.model.name),
         ("input.id_col", settings.input.id_col),
         ("input.text_col", settings.input.text_col),

@@ -81,10 +81,7 @@ class MtebEncoder:
     ) -> MtebEncoder:
         """The model and batch settings of a profile (`local`, `qwen3-embedding-4b`, a YAML path)
         with `--set`-style overrides, e.g. `["model.name=/models/Qwen3-Embedding-4B"]`."""
-        # Input and output are not read here; placeholders let profiles that leave them to the
-        # command line (the production ones) pass validation.
-        settings = load_settings(profile, list(overrides),
-                                 {"input.path": "unused", "output.path": "unused"})
+        settings = load_settings(profile, list(overrides), require_io=False)
         return cls(settings.model, batch=settings.batch, **kwargs)
 
     @property

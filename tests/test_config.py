@@ -234,3 +234,10 @@ def test_every_shipped_profile_loads_and_validates(profile: Path) -> None:
     assert by_name.model.name
     assert by_name.input.path
     assert by_name.output.path
+
+
+def test_production_profile_needs_input_and_output_only_where_the_job_embeds_a_corpus():
+    with pytest.raises(SettingsError, match=r"input\.path is required"):
+        load_settings("qwen3-embedding-4b")
+    settings = load_settings("qwen3-embedding-4b", require_io=False)
+    assert settings.model.name == "Qwen/Qwen3-Embedding-4B" and settings.output.path == ""

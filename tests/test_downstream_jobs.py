@@ -172,3 +172,16 @@ def test_storage_benchmark_reports_bytes_and_quality_per_format(spark, tiny_beir
     assert rows[("binary", 384)]["vector_bytes"] < 0.1 * full
     assert rows[("int8", 64)]["vector_bytes"] < rows[("int8", 384)]["vector_bytes"]
     assert abs(rows[("float16", 384)]["ndcg@10_delta"]) <= 0.01
+
+
+def test_downstream_jobs_take_a_production_profile_without_input_and_output(
+        qwen3_path, tmp_path, capsys):
+    pairs = [{"a": "glaciers melt", "b": "ice is melting"}, {"a": "a red car", "b": "stocks"}]
+    code = score_similarity.main([
+        "--config", "qwen3-embedding-4b", "--model", str(qwen3_path), "--input",
+        str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "--text-a-col", "a",
+        "--text-b-col", "b", "--set", "batch.max_batch_tokens=4096"])
+    assert code == 0, capsys.readouterr().err
+    assert last_json(capsys)["scored"] == 2
+    assert search.main(["--config", "qwen3-embedding-4b", "--query", "x"]) == 2
+    assert "--vectors" in capsys.readouterr().err
