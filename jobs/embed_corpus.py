@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import DEFAULT_PROFILE, FLAG_KEYS, SettingsError, load_settings
+from pipeline.config import FLAG_KEYS, SettingsError, add_profile_arguments, load_settings
 from pipeline.embed import run_embedding
 from pipeline.logs import configure_job_logging
 from pipeline.model.spec import ModelSpecError
@@ -22,10 +22,7 @@ from pipeline.store.delta import CommitConflictError, ModelMismatchError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=DEFAULT_PROFILE,
-                        help="profile name in conf/ or a YAML path (default: local)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override any setting; repeatable")
+    add_profile_arguments(parser, model_help=None)
     for flag in FLAG_KEYS:
         if flag != "delete_missing":
             parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag,

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import CHUNK_MODES, DEFAULT_PROFILE, SettingsError, load_settings
+from pipeline.config import CHUNK_MODES, SettingsError, add_profile_arguments, load_settings
 from pipeline.evaluate import evaluate_retrieval
 from pipeline.logs import configure_job_logging
 from pipeline.metrics import markdown_table
@@ -39,10 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-sentence-transformers", action="store_true",
                         help="also score plain sentence-transformers encode + NumPy search")
     parser.add_argument("--json", metavar="PATH", help="write the report here too")
-    parser.add_argument("--model", help="sets model.name")
-    parser.add_argument("--config", default=DEFAULT_PROFILE)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE")
+    add_profile_arguments(parser, "sets model.name")
     return parser.parse_args(argv)
 
 

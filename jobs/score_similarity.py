@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from pipeline.config import DEFAULT_PROFILE, SettingsError, load_settings
+from pipeline.config import SettingsError, add_profile_arguments, load_settings
 from pipeline.logs import configure_job_logging
 from pipeline.model.spec import ModelSpecError
 from pipeline.similarity import score_pairs
@@ -36,10 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which prompt of the model both texts get (default: document)")
     parser.add_argument("--compare-sentence-transformers", action="store_true",
                         help="with --gold-col: also correlate plain sentence-transformers cosines")
-    parser.add_argument("--model", help="sets model.name")
-    parser.add_argument("--config", default=DEFAULT_PROFILE)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE")
+    add_profile_arguments(parser, "sets model.name")
     return parser.parse_args(argv)
 
 

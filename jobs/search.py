@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from pipeline.config import DEFAULT_PROFILE, InputSettings, SettingsError, load_settings
+from pipeline.config import InputSettings, SettingsError, add_profile_arguments, load_settings
 from pipeline.logs import configure_job_logging
 from pipeline.model.spec import ModelSpecError
 from pipeline.search import METRICS, SearchReport, query_frame, read_vectors, search_table
@@ -41,10 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="results: a .jsonl file or a Delta table")
     parser.add_argument("--export-index", metavar="FOLDER",
                         help="build an ANN index (faiss HNSW) of the table for serving instead")
-    parser.add_argument("--model", help="the query model (default: the table's own)")
-    parser.add_argument("--config", default=DEFAULT_PROFILE)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE")
+    add_profile_arguments(parser, "the query model (default: the table's own)")
     return parser.parse_args(argv)
 
 

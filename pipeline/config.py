@@ -3,6 +3,7 @@ validated once, up front, before Spark or a model is touched."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -132,6 +133,17 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser,
+                          model_help: str | None = "sets model.name") -> None:
+    """The settings flags every job shares: --config, repeatable --set, and --model."""
+    if model_help is not None:
+        parser.add_argument("--model", help=model_help)
+    parser.add_argument("--config", default=DEFAULT_PROFILE,
+                        help="profile name in conf/ or a YAML path (default: local)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override any setting; repeatable")
 
 
 def profile_path(profile: str) -> Path:
