@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from pipeline.config import DEFAULT_PROFILE, load_settings
+from pipeline.config import add_profile_arguments, load_settings
 from pipeline.evaluate import beir_files
 from pipeline.logs import configure_job_logging
 from pipeline.metrics import read_qrels, retrieval_scores
@@ -32,6 +32,7 @@ from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
 from pipeline.search import Queries, exact_search
 from pipeline.spark.session import get_spark
+from pipeline.store.delta import TableRef, check_same_model
 from pipeline.vectors import VECTOR_FORMATS, arrow_matrix, stored_vectors, unit_rows
 
 VARIANT_DDL = ("doc_id string, chunk_index int, embedding array<float>, "
@@ -79,21 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default=",".join(VECTOR_FORMATS))
     parser.add_argument("--work", default="data/storage_benchmark")
     parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--config", default=DEFAULT_PROFILE)
+    add_profile_arguments(parser)
     args = parser.parse_args(argv)
 
-    settings = load_settings(args.config, require_io=False)
+    settings = load_settings(args.config, args.overrides, {"model.name": args.model},
+                             require_io=False)
     spark = get_spark(settings.spark)
+    spec = resolve_model_spec(settings.model)
+    table = TableRef.parse(args.vectors)
+    properties = table.properties(spark)
+    check_same_model(table, properties, spec.table_properties())
+    dims = [int(d) for d in args.dims.split(",")]
+    if max(dims) > spec.dimension:
+        parser.error(f"--dims: the table's vectors have {spec.dimension} dimensions")
     _, queries_path, qrels_path = beir_files(args.dataset, args.split)
     qrels = read_qrels(qrels_path)
     asked = [q for q in map(json.loads, queries_path.read_text().splitlines())
              if str(q["_id"]) in qrels]
-    encoder = get_encoder(resolve_model_spec(settings.model), 16384, 256)
+    encoder = get_encoder(spec, 16384, 256)
     query_matrix = encoder.embed([q["text"] for q in asked], "query")
     source = spark.read.format("delta").load(args.vectors).select("doc_id", "chunk_index",
                                                                   "embedding")
     rows = []
-    for dim in [int(d) for d in args.dims.split(",")]:
+    for dim in dims:
         queries = Queries([str(q["_id"]) for q in asked], unit_rows(query_matrix[:, :dim]))
         for fmt in args.formats.split(","):
             path = str(Path(args.work).resolve() / f"{fmt}_{dim}")
@@ -108,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"format": fmt, "dim": dim, "vector_bytes": round(per_vector, 1),
                          "row_bytes": round(per_row, 1), **retrieval_scores(qrels, run)})
             print(json.dumps(rows[-1]), file=sys.stderr)
-    base = next(r for r in rows if r["format"] == "float32" and r["dim"] == max(
-        int(d) for d in args.dims.split(",")))
+    base = next(r for r in rows if r["format"] == "float32" and r["dim"] == max(dims))
     for row in rows:
         row["size_vs_float32"] = round(row["vector_bytes"] / base["vector_bytes"], 4)
         row["ndcg@10_delta"] = round(row["ndcg@10"] - base["ndcg@10"], 4)

@@ -52,6 +52,13 @@ def _faiss():
     return faiss
 
 
+def _to_arrow(frame) -> pa.Table:
+    """DataFrame.toArrow (Spark 4), or its private forerunner on Spark 3.5 runtimes."""
+    if hasattr(frame, "toArrow"):
+        return frame.toArrow()
+    return pa.Table.from_batches(frame._collect_as_arrow())
+
+
 def hnsw_index(matrix: np.ndarray, m: int, ef_construction: int, ef_search: int):
     """An inner-product HNSW index over the rows (normalise them first for cosine)."""
     faiss = _faiss()
@@ -80,7 +87,7 @@ def build_index(spark: SparkSession, vectors: str, folder: str, metric: str = "c
     started = time.perf_counter()
     frame, properties = read_vectors(spark, vectors)
     frame = decoded_vectors(frame, properties)
-    table = frame.select("doc_id", "chunk_index", "embedding").toArrow()
+    table = _to_arrow(frame.select("doc_id", "chunk_index", "embedding"))
     if table.num_rows == 0:
         raise ValueError(f"{vectors} holds no vectors to index")
     matrix = arrow_matrix(table.column("embedding"))

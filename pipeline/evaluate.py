@@ -65,7 +65,8 @@ def evaluation_settings(settings: Settings, corpus: Path, vectors: str | None, d
     source = dataclasses.replace(settings.input, path=str(corpus), format="jsonl", id_col="_id",
                                  text_col="text", title_col="title", snapshot="full")
     if vectors is None:
-        key = json.dumps([settings.model.__dict__, settings.chunking.__dict__], sort_keys=True)
+        key = json.dumps([settings.model.__dict__, settings.chunking.__dict__,
+                          settings.output.vector_format], sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         vectors = str(Path("data") / "eval" / f"{dataset}_{digest}")
     output = dataclasses.replace(settings.output, path=vectors, mode="incremental")

@@ -55,23 +55,37 @@ class Queries:
 # --- the pure core -------------------------------------------------------------------------
 
 
-def top_positions(scores: np.ndarray, doc_ids: np.ndarray, k: int, by_document: bool
-                  ) -> np.ndarray:
+def best_first(positions: np.ndarray, scores: np.ndarray, doc_ids: np.ndarray,
+               chunk_indexes: np.ndarray) -> np.ndarray:
+    """Positions in the search's order: score descending, then doc_id, then chunk_index (the
+    global merge orders the same way, so ties do not depend on partitioning)."""
+    order = np.lexsort((chunk_indexes[positions], doc_ids[positions].astype(str),
+                        -scores[positions]))
+    return positions[order]
+
+
+def top_window(scores: np.ndarray, size: int) -> np.ndarray:
+    """Positions of the `size` best scores and of every score tied with the last of them."""
+    if len(scores) <= size:
+        return np.arange(len(scores))
+    chosen = np.argpartition(-scores, size - 1)[:size]
+    return np.flatnonzero(scores >= scores[chosen].min())
+
+
+def top_positions(scores: np.ndarray, doc_ids: np.ndarray, chunk_indexes: np.ndarray, k: int,
+                  by_document: bool) -> np.ndarray:
     """Positions of the k best scores, best first; by document, only each document's best
     position counts, so the result names k distinct documents (or all there are)."""
-    n = len(scores)
-    if not by_document:
-        chosen = np.argpartition(-scores, k - 1)[:k] if n > k else np.arange(n)
-        return chosen[np.argsort(-scores[chosen], kind="stable")]
-    window = min(n, 4 * k)
+    window = 4 * k if by_document else k
     while True:
-        chosen = np.argpartition(-scores, window - 1)[:window] if n > window else np.arange(n)
-        ordered = chosen[np.argsort(-scores[chosen], kind="stable")]
+        ordered = best_first(top_window(scores, window), scores, doc_ids, chunk_indexes)
+        if not by_document:
+            return ordered[:k]
         _, first = np.unique(doc_ids[ordered], return_index=True)
         best = ordered[np.sort(first)][:k]
-        if len(best) >= k or window >= n:
+        if len(best) >= k or window >= len(scores):
             return best
-        window = min(n, window * 4)
+        window = min(len(scores), window * 4)
 
 
 @dataclass
@@ -91,7 +105,7 @@ class Candidates:
         scores = np.concatenate([self.scores, scores])
         doc_ids = np.concatenate([self.doc_ids, doc_ids])
         chunk_indexes = np.concatenate([self.chunk_indexes, chunk_indexes])
-        keep = top_positions(scores, doc_ids, k, by_document)
+        keep = top_positions(scores, doc_ids, chunk_indexes, k, by_document)
         return Candidates(scores[keep], doc_ids[keep], chunk_indexes[keep])
 
 
@@ -117,7 +131,7 @@ def score_batches(queries: np.ndarray, k: int, by_document: bool, normalize: boo
             for start in range(0, len(queries), block_rows):
                 scores = queries[start:start + block_rows] @ matrix.T
                 for offset, row in enumerate(scores):
-                    keep = top_positions(row, doc_ids, k, by_document)
+                    keep = top_positions(row, doc_ids, chunk_indexes, k, by_document)
                     query = start + offset
                     best[query] = best[query].merged(row[keep], doc_ids[keep],
                                                      chunk_indexes[keep], k, by_document)

@@ -36,6 +36,22 @@ class SimilarityReport:
         return dataclasses.asdict(self)
 
 
+def gold_number(gold_col: str) -> Column:
+    """The gold value as a double, null when it is not a number (a plain cast raises under
+    ANSI mode, Spark 4's default)."""
+    quoted = gold_col.replace("`", "``")
+    return F.expr(f"try_cast(`{quoted}` AS double)")
+
+
+def correlations(scores, gold) -> tuple[float | None, float | None]:
+    """Pearson and Spearman, or None where they are undefined (fewer than two pairs, or a
+    constant side)."""
+    try:
+        return round(pearson(scores, gold), 6), round(spearman(scores, gold), 6)
+    except ValueError:
+        return None, None
+
+
 def pair_reject_reason(text_a: str, text_b: str, gold_col: str | None) -> Column:
     """Why a pair cannot be scored, or null."""
     blank = "(?U)\\s"
@@ -47,7 +63,7 @@ def pair_reject_reason(text_a: str, text_b: str, gold_col: str | None) -> Column
     reason = (F.when(empty(text_a), F.lit(f"empty {text_a}"))
               .when(empty(text_b), F.lit(f"empty {text_b}")))
     if gold_col:
-        reason = reason.when(F.col(gold_col).cast("double").isNull(),
+        reason = reason.when(gold_number(gold_col).isNull(),
                              F.lit(f"{gold_col} is not a number"))
     return reason
 
@@ -80,8 +96,7 @@ def score_pairs(spark: SparkSession, settings: Settings, text_a: str, text_b: st
         output=write_output(scored, output) if output else None, seconds=0.0)
     if gold_col and valid_count:
         pairs = (scored.where(F.col("score").isNotNull())
-                 .select("score", F.col(gold_col).cast("double").alias("gold")).toPandas())
-        report.pearson = round(pearson(pairs.score, pairs.gold), 6)
-        report.spearman = round(spearman(pairs.score, pairs.gold), 6)
+                 .select("score", gold_number(gold_col).alias("gold")).toPandas())
+        report.pearson, report.spearman = correlations(pairs.score, pairs.gold)
     report.seconds = round(time.perf_counter() - started, 2)
     return scored, report

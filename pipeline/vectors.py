@@ -21,7 +21,8 @@ def arrow_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A list<float> column of equal-length vectors as a [rows, dim] float32 matrix, without a
     Python loop over rows."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+        parts = [arrow_matrix(chunk) for chunk in column.chunks if len(chunk)]
+        return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
     rows = len(column)
     flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if rows and len(flat) % rows:
@@ -62,8 +63,12 @@ def pack_vectors(vectors: np.ndarray, fmt: str) -> tuple[list[bytes], np.ndarray
 def unpack_vectors(packed: list[bytes], scales: np.ndarray | None, fmt: str, dim: int
                    ) -> np.ndarray:
     """The inverse of pack_vectors, as float32 (binary as -1/+1 per dimension)."""
-    joined = b"".join(packed)
     rows = len(packed)
+    expected = {"float16": 2 * dim, "int8": dim, "binary": (dim + 7) // 8}.get(fmt)
+    if expected is not None and any(len(row) != expected for row in packed):
+        raise ValueError(f"stored {fmt} vectors do not have {dim} dimensions "
+                         f"({expected} bytes each)")
+    joined = b"".join(packed)
     if fmt == "float16":
         return np.frombuffer(joined, "<f2").reshape(rows, dim).astype(np.float32)
     if fmt == "int8":

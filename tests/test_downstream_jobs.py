@@ -96,6 +96,7 @@ def test_similarity_job_scores_pairs_as_the_encoder_does(minilm_encoder, tmp_pat
         {"a": "Children play football.", "b": "Kids are playing soccer.", "gold": 4.2},
         {"a": "A woman slices onions.", "b": "A woman is cutting an onion.", "gold": 4.6},
         {"a": "   ", "b": "an empty partner", "gold": 1.0},
+        {"a": "A dog runs.", "b": "A dog is running.", "gold": "n/a"},
     ]
     out = tmp_path / "scores.jsonl"
     code = score_similarity.main(["--input", str(write_jsonl(tmp_path / "pairs.jsonl", pairs)),
@@ -103,8 +104,8 @@ def test_similarity_job_scores_pairs_as_the_encoder_does(minilm_encoder, tmp_pat
                                   "--output", str(out)])
     assert code == 0
     report = last_json(capsys)
-    assert (report["scored"], report["rejected"]) == (4, 1)
-    assert report["rejected_by_reason"] == {"empty a": 1}
+    assert (report["scored"], report["rejected"]) == (4, 2)
+    assert report["rejected_by_reason"] == {"empty a": 1, "gold is not a number": 1}
     rows = {r["a"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rows["   "]["score"] is None and rows["   "]["reject_reason"] == "empty a"
     a = minilm_encoder.embed([p["a"] for p in pairs[:4]])

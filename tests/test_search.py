@@ -105,9 +105,19 @@ def test_dot_metric_keeps_vector_lengths(spark, tmp_path):
 def test_top_positions_by_document_looks_past_one_documents_many_chunks():
     scores = np.array([0.9, 0.95, 0.97, 0.99, 0.5, 0.4], dtype=np.float32)
     doc_ids = np.array(["a", "a", "a", "a", "b", "c"], dtype=object)
-    assert top_positions(scores, doc_ids, 1, by_document=False).tolist() == [3]
-    assert top_positions(scores, doc_ids, 2, by_document=True).tolist() == [3, 4]
-    assert top_positions(scores, doc_ids, 5, by_document=True).tolist() == [3, 4, 5]
+    chunks = np.arange(6)
+    assert top_positions(scores, doc_ids, chunks, 1, by_document=False).tolist() == [3]
+    assert top_positions(scores, doc_ids, chunks, 2, by_document=True).tolist() == [3, 4]
+    assert top_positions(scores, doc_ids, chunks, 5, by_document=True).tolist() == [3, 4, 5]
+
+
+def test_ties_are_broken_by_doc_id_whatever_the_batch_order():
+    scores = np.array([0.5, 0.5, 0.5, 0.1], dtype=np.float32)
+    doc_ids = np.array(["c", "b", "a", "d"], dtype=object)
+    chunks = np.zeros(4, dtype=np.int32)
+    for by_document in (False, True):
+        assert top_positions(scores, doc_ids, chunks, 1, by_document).tolist() == [2]
+        assert top_positions(scores, doc_ids, chunks, 2, by_document).tolist() == [2, 1]
 
 
 def test_ann_export_recall_at_10_against_exact(spark, tmp_path):

@@ -104,19 +104,20 @@ def test_bad_rows_are_quarantined_and_good_rows_land(spark, tmp_path):
         {"_id": "good-1", "title": "T", "text": "A fine document."},
         {"_id": None, "title": "T", "text": "no id"},
         {"_id": "null-text", "title": "T", "text": None},
-        {"_id": "empty", "title": "T", "text": ""},
-        {"_id": "blank", "title": "T", "text": " \t\n "},
+        {"_id": "empty", "title": "", "text": ""},
+        {"_id": "blank", "title": " ", "text": " \t\n "},
+        {"_id": "title-only", "title": "A title is text too", "text": ""},
         {"_id": "control", "title": "", "text": "\ufeffBOM and \x00 NUL and emoji 🚀"},
     ])
     summary = embed(spark, source, tmp_path / "vectors")
-    assert (summary.documents_read, summary.rejected, summary.documents_embedded) == (6, 4, 2)
+    assert (summary.documents_read, summary.rejected, summary.documents_embedded) == (7, 4, 3)
     rejects = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()
     assert dict(zip(rejects["doc_id"].fillna("<null>"), rejects["reason"], strict=True)) == {
         "<null>": "null id", "null-text": "null text", "empty": "empty or whitespace-only text",
         "blank": "empty or whitespace-only text"}
     assert set(rejects["run_id"]) == {summary.run_id}
     landed = DeltaTable(str(tmp_path / "vectors")).to_pandas()
-    assert sorted(landed["doc_id"]) == ["control", "good-1"]
+    assert sorted(landed["doc_id"]) == ["control", "good-1", "title-only"]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "delta"])

@@ -34,6 +34,12 @@ def test_packing_round_trips_within_each_formats_precision():
             assert (np.abs(restored - vectors) <= step * 0.51 + 1e-6).all()
 
 
+def test_unpacking_with_the_wrong_dimension_is_refused():
+    packed, _ = pack_vectors(np.ones((2, 256), np.float32), "binary")
+    with pytest.raises(ValueError, match="do not have 128 dimensions"):
+        unpack_vectors(packed, None, "binary", 128)
+
+
 @pytest.fixture(scope="module")
 def tables(spark, sample_docs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("storage")

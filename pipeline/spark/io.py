@@ -144,7 +144,7 @@ def reject_reason(max_text_bytes: int) -> Column:
     return (F.when(F.col("corrupt_record").isNotNull(), F.lit("malformed record"))
             .when(F.col("doc_id").isNull(), F.lit("null id"))
             .when(F.col("raw_text").isNull(), F.lit("null text"))
-            .when(F.regexp_replace(clean_column(F.col("raw_text")), _SQL_ANY_SPACE, "") == "",
+            .when(F.regexp_replace(F.col("text"), _SQL_ANY_SPACE, "") == "",
                   F.lit("empty or whitespace-only text"))
             .when(F.octet_length("raw_text") > max_text_bytes,
                   F.lit(f"text over {max_text_bytes} bytes")))
