@@ -47,8 +47,8 @@ class ClusterReport:
 
 def load_features(spark: SparkSession, vectors: str) -> DataFrame:
     frame, properties = read_vectors(spark, vectors)
-    return decoded_vectors(frame, properties).select("doc_id", "chunk_index", "chunk_text",
-                        array_to_vector("embedding").alias("features"))
+    return decoded_vectors(frame, properties).select(
+        "doc_id", "chunk_index", "chunk_text", array_to_vector("embedding").alias("features"))
 
 
 def fit_best(features: DataFrame, ks: list[int], algorithm: str, seed: int):

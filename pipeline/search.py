@@ -196,7 +196,6 @@ def decoded_vectors(frame: DataFrame, properties: dict[str, str]) -> DataFrame:
         return frame.drop(*packed)
     dim = int(properties["pipeline.dimension"])
     kept = frame.drop(*packed, "embedding")
-
     names = kept.columns
 
     def decode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -234,8 +233,9 @@ def table_model_settings(spark: SparkSession, location: str) -> ModelSettings | 
     return build_dataclass(ModelSettings, raw, "model")
 
 
-def query_model(spark: SparkSession, settings: Settings, location: str, explicit: bool,
-                instruction: str | None) -> ModelSpec:
+def query_model(spark: SparkSession, settings: Settings, location: str,
+                properties: dict[str, str], explicit: bool, instruction: str | None
+                ) -> ModelSpec:
     """The query model: the one named on the command line, else the table's own; either way it
     must have made the table's vectors."""
     model = settings.model
@@ -244,7 +244,6 @@ def query_model(spark: SparkSession, settings: Settings, location: str, explicit
     if instruction is not None:
         model = dataclasses.replace(model, query_instruction=instruction)
     spec = resolve_model_spec(model)
-    properties = TableRef.parse(location).properties(spark)
     check_same_model(TableRef.parse(location), properties, spec.table_properties())
     return spec
 
@@ -301,7 +300,7 @@ def search_table(spark: SparkSession, settings: Settings, vectors: str, queries:
                  instruction: str | None = None) -> tuple[DataFrame, ModelSpec]:
     """Embed the queries with the table's model and rank the table's chunks (or documents)."""
     frame, properties = read_vectors(spark, vectors)
-    spec = query_model(spark, settings, vectors, explicit_model, instruction)
+    spec = query_model(spark, settings, vectors, properties, explicit_model, instruction)
     partitions = settings.spark.partitions or default_parallelism(spark)
     embedded = embed_queries(queries, worker_spec(settings, spec), partitions)
     return exact_search(spark, frame, embedded, k, by_document, metric,

@@ -14,7 +14,7 @@ from pipeline.config import Settings
 from pipeline.embed import worker_spec
 from pipeline.metrics import pearson, spearman
 from pipeline.model.spec import resolve_model_spec
-from pipeline.spark.io import read_source
+from pipeline.spark.io import is_blank, read_source
 from pipeline.spark.session import default_parallelism
 from pipeline.spark.udf import similarity_udf
 from pipeline.store.outputs import write_output
@@ -54,11 +54,8 @@ def correlations(scores, gold) -> tuple[float | None, float | None]:
 
 def pair_reject_reason(text_a: str, text_b: str, gold_col: str | None) -> Column:
     """Why a pair cannot be scored, or null."""
-    blank = "(?U)\\s"
-
     def empty(name: str) -> Column:
-        return F.col(name).isNull() | (F.regexp_replace(F.col(name).cast("string"), blank, "")
-                                       == "")
+        return F.col(name).isNull() | is_blank(F.col(name).cast("string"))
 
     reason = (F.when(empty(text_a), F.lit(f"empty {text_a}"))
               .when(empty(text_b), F.lit(f"empty {text_b}")))

@@ -105,6 +105,11 @@ _SQL_EDGE_SPACE = "(?U)^\\s+|\\s+$"
 _SQL_ANY_SPACE = "(?U)\\s"
 
 
+def is_blank(column: Column) -> Column:
+    """True for a string of Unicode whitespace only (or empty); null for null."""
+    return F.regexp_replace(column, _SQL_ANY_SPACE, "") == ""
+
+
 def clean_column(column: Column) -> Column:
     return F.regexp_replace(column, _SQL_CONTROL_CHARS, " ")
 
@@ -113,7 +118,7 @@ def document_text_column(text: Column, title: Column) -> Column:
     """pipeline.text.document_text in Spark SQL: the planner hashes the same text the workers
     embed, without a Python UDF."""
     clean = clean_column
-    blank_title = title.isNull() | (F.regexp_replace(title, _SQL_ANY_SPACE, "") == "")
+    blank_title = title.isNull() | is_blank(title)
     joined = F.regexp_replace(clean(F.concat(title, F.lit(" "), text)), _SQL_EDGE_SPACE, "")
     return F.when(blank_title, clean(text)).otherwise(joined)
 
@@ -144,7 +149,6 @@ def reject_reason(max_text_bytes: int) -> Column:
     return (F.when(F.col("corrupt_record").isNotNull(), F.lit("malformed record"))
             .when(F.col("doc_id").isNull(), F.lit("null id"))
             .when(F.col("raw_text").isNull(), F.lit("null text"))
-            .when(F.regexp_replace(F.col("text"), _SQL_ANY_SPACE, "") == "",
-                  F.lit("empty or whitespace-only text"))
+            .when(is_blank(F.col("text")), F.lit("empty or whitespace-only text"))
             .when(F.octet_length("raw_text") > max_text_bytes,
                   F.lit(f"text over {max_text_bytes} bytes")))
