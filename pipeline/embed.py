@@ -32,6 +32,8 @@ from pipeline.store.delta import (
     delete_documents,
     merge_documents,
     prepare_table,
+    relabels,
+    replace_vectors,
     with_commit_retries,
     write_vectors,
 )
@@ -193,14 +195,33 @@ def _run(run: Run, flagged: DataFrame) -> tuple[RunSummary, RunPlan]:
             totals = embed_in_waves(run, plan, planned)
             version = run.table.version(run.spark)
         else:
-            observation = Observation("chunks")
-            chunks = observed_chunks(run, planned.where(F.col("status") == "new"))
-            chunks = chunks.observe(observation, *_total_columns()).select(*VECTOR_COLUMNS)
-            version = write_vectors(run.spark, run.table, chunks, mode, properties)
-            totals = _totals(observation.get)
+            version, totals = write_in_one_commit(run, planned.where(F.col("status") == "new"),
+                                                  properties)
     finally:
         planned.unpersist()
     return summarize(run, plan, totals, version), plan
+
+
+def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
+                        ) -> tuple[int, ChunkTotals]:
+    """Overwrite or append mode. An overwrite with another model or format replaces rows and
+    properties together; Delta runs that replace's query in a nested plan whose observed
+    metrics never arrive, so its vectors are materialised first and counted there."""
+    mode = run.settings.output.mode
+    chunks = observed_chunks(run, docs)
+    if mode == "overwrite" and relabels(run.spark, run.table, properties):
+        chunks = _materialized(chunks)
+        try:
+            totals = _observed_totals(chunks)
+            version = replace_vectors(run.spark, run.table, chunks.select(*VECTOR_COLUMNS),
+                                      properties)
+        finally:
+            chunks.unpersist()
+        return version, totals
+    observation = Observation("chunks")
+    chunks = chunks.observe(observation, *_total_columns()).select(*VECTOR_COLUMNS)
+    version = write_vectors(run.spark, run.table, chunks, mode, properties)
+    return version, _totals(observation.get)
 
 
 def table_properties(run: Run) -> dict[str, str]:

@@ -135,8 +135,12 @@ def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_
     with pytest.raises(ModelMismatchError, match="dimension"):
         embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.output_dim=64",
               "model.normalize=true")
+    before = DeltaTable(str(target)).version()
     replaced = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.output_dim=64",
                      mode="overwrite")
+    table = DeltaTable(str(target))
+    assert table.version() == before + 1, "rows and their model labels land in one commit"
+    assert table.metadata().configuration["pipeline.dimension"] == "64"
     rows = table_frame(target)
     assert set(rows.model_fingerprint) == {replaced.model_fingerprint}
     assert len(rows.embedding.iloc[0]) == 64

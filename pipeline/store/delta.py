@@ -95,6 +95,14 @@ class TableRef:
             builder = builder.property(key, value)
         builder.execute()
 
+    def replace(self, df: DataFrame, properties: dict[str, str]) -> None:
+        """Replace data, schema and properties in one commit (CREATE OR REPLACE TABLE AS
+        SELECT), so no reader ever sees the new rows under the old labels."""
+        writer = df.writeTo(self.sql_name).using("delta")
+        for key, value in properties.items():
+            writer = writer.tableProperty(key, value)
+        writer.createOrReplace()
+
     def set_properties(self, spark: SparkSession, properties: dict[str, str]) -> None:
         assignments = ", ".join(f"'{k}' = '{_quote(v)}'" for k, v in properties.items())
         spark.sql(f"ALTER TABLE {self.sql_name} SET TBLPROPERTIES ({assignments})")
@@ -174,9 +182,26 @@ def write_vectors(spark: SparkSession, table: TableRef, df: DataFrame, mode: str
     properties. Returns the version."""
     prepare_table(spark, table, df, mode, properties)
     table.write(df, mode)
-    stored = table.properties(spark)
-    if any(stored.get(key) != value for key, value in properties.items()):
+    if relabels(spark, table, properties):
         table.set_properties(spark, properties)
+    return table.version(spark)
+
+
+def relabels(spark: SparkSession, table: TableRef, properties: dict[str, str]) -> bool:
+    """Whether writing under these properties changes what the existing table says."""
+    stored = table.properties(spark)
+    return any(stored.get(key) != value for key, value in properties.items())
+
+
+def replace_vectors(spark: SparkSession, table: TableRef, df: DataFrame,
+                    properties: dict[str, str]) -> int:
+    """Replace the rows and the model properties in one commit, for an overwrite with another
+    model or format: no reader ever sees new vectors under the old labels. Properties the
+    user set are kept. Returns the version."""
+    kept = {key: value for key, value in table.properties(spark).items()
+            if not key.startswith(("delta.feature.", "delta.minReaderVersion",
+                                   "delta.minWriterVersion"))}
+    table.replace(df, {**kept, **properties})
     return table.version(spark)
 
 
