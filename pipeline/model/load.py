@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.model.encode import Encoder
-from pipeline.model.spec import ModelSpec
+from pipeline.model.spec import ModelSpec, worker_model_folder
 
 log = logging.getLogger("pipeline.model")
 
@@ -99,11 +99,12 @@ def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> En
     started = time.perf_counter()
     dtype = pick_dtype(spec.dtype, device)
     attention = pick_attention(spec.attn_implementation, device, dtype)
+    folder = worker_model_folder(spec)
     tokenizer = AutoTokenizer.from_pretrained(
-        spec.path, trust_remote_code=spec.trust_remote_code, padding_side=spec.padding_side
+        folder, trust_remote_code=spec.trust_remote_code, padding_side=spec.padding_side
     )
     model = AutoModel.from_pretrained(
-        spec.path,
+        folder,
         dtype=dtype,
         attn_implementation=attention,
         trust_remote_code=spec.trust_remote_code,

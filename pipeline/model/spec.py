@@ -58,6 +58,8 @@ class ModelSpec:
     trust_remote_code: bool
     allow_pickle_weights: bool
     fingerprint: str
+    source: str = ""
+    files_digest: str = ""
 
     @property
     def dimension(self) -> int:
@@ -106,12 +108,13 @@ def resolve_model_path(name: str) -> Path:
     raise ModelSpecError(f"model folder {name} does not exist (and it is not a hub id org/name)")
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _download_from_hub(repo_id: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors",
-                                                              "*.model", "*/*.json"]))
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=["*.json", "*.txt", "*.safetensors",
+                                                      "*.model", "*/*.json"]))
     except Exception as error:
         raise ModelSpecError(
             f"model {repo_id!r} is not a local folder and could not be fetched from the hub "
@@ -162,6 +165,18 @@ def fingerprint(folder: Path, identity: dict[str, Any]) -> str:
     file's size and sampled blocks (cheap even for multi-GB weights), and the pooling settings."""
     digest = hashlib.sha256()
     digest.update(json.dumps(identity, sort_keys=True).encode())
+    _digest_files(digest, folder)
+    return digest.hexdigest()[:24]
+
+
+def files_digest(folder: Path) -> str:
+    """The file part of the fingerprint alone: the same model files on another machine."""
+    digest = hashlib.sha256()
+    _digest_files(digest, folder)
+    return digest.hexdigest()[:24]
+
+
+def _digest_files(digest: Any, folder: Path) -> None:
     for name in ("config.json", *TOKENIZER_FILES):
         path = folder / name
         if path.exists():
@@ -170,7 +185,30 @@ def fingerprint(folder: Path, identity: dict[str, Any]) -> str:
     for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
         digest.update(path.name.encode())
         digest.update(_sampled_file_digest(path))
-    return digest.hexdigest()[:24]
+
+
+def worker_model_folder(spec: ModelSpec) -> str:
+    """The model folder on this machine. Executors on the driver's host or a shared filesystem
+    use the driver's path; others resolve the reference again (the package installed there, or
+    the hub snapshot the driver pinned) and must find the same files."""
+    if Path(spec.path).exists() or not spec.source:
+        return spec.path
+    driver_path = Path(spec.path)
+    if spec.source.startswith(PACKAGE_PREFIX):
+        folder = resolve_model_path(spec.source)
+    elif driver_path.parent.name == "snapshots":  # the driver downloaded it from the hub
+        folder = _download_from_hub(spec.source, revision=driver_path.name)
+    else:
+        raise ModelSpecError(
+            f"model folder {spec.path} is not on this executor; put it on storage every "
+            "executor mounts (DBFS, NFS, a Unity Catalog volume) or ship it in the image"
+        )
+    if spec.files_digest and files_digest(folder) != spec.files_digest:
+        raise ModelSpecError(
+            f"model {spec.source!r} resolves on this executor to {folder}, whose files differ "
+            f"from the driver's {spec.path}; install the same model version everywhere"
+        )
+    return str(folder)
 
 
 def _sampled_file_digest(path: Path, block: int = 1 << 20) -> bytes:
@@ -229,6 +267,8 @@ def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
         trust_remote_code=settings.trust_remote_code,
         allow_pickle_weights=settings.allow_pickle_weights,
         fingerprint=fingerprint(folder, identity),
+        source=settings.name,
+        files_digest=files_digest(folder),
     )
 
 
