@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -201,6 +202,22 @@ def test_split_on_oom_single_row_that_never_fits_raises_with_token_count() -> No
         split_on_oom([[1] * 777, [2] * 10], run)
     assert type(info.value) is RuntimeError
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_split_on_oom_frees_the_failed_batch_before_retrying() -> None:
+    failed: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def run(batch: list[list[int]]) -> torch.Tensor:
+        alive_at_retry.extend(ref() is not None for ref in failed)
+        activations = torch.zeros(len(batch), 1024)
+        if len(batch) > 1:
+            failed.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return encode_rows(batch)
+
+    split_on_oom([[1], [2], [3], [4]], run)
+    assert alive_at_retry and not any(alive_at_retry)
 
 
 def test_split_on_oom_does_not_swallow_other_errors() -> None:

@@ -93,10 +93,12 @@ def split_on_oom(
                 f"a single text of {len(rows[0])} tokens does not fit in accelerator memory; "
                 "lower model.max_length or chunking.chunk_tokens"
             ) from error
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(rows) // 2
-        return torch.cat([split_on_oom(rows[:half], run), split_on_oom(rows[half:], run)])
+    # Retry only after the handler: until then the error's traceback keeps the failed pass's
+    # activations alive, and the halves would run out of memory too.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(rows) // 2
+    return torch.cat([split_on_oom(rows[:half], run), split_on_oom(rows[half:], run)])
 
 
 class Encoder:
