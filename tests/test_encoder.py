@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -117,6 +119,25 @@ def test_truncate_mode_keeps_the_prefix_that_fits(minilm_encoder):
     (chunk,) = minilm_encoder.chunk([text], window=254, overlap=0, truncate=True)[0]
     assert text.startswith(chunk.text) and len(chunk.text) < len(text)
     assert len(minilm_encoder.tokenize([chunk.text])[0]) == minilm_encoder.spec.max_length
+
+
+def test_a_document_prompt_leaves_room_so_every_chunk_token_is_embedded(minilm_path, tmp_path):
+    folder = tmp_path / "prompted"
+    shutil.copytree(minilm_path, folder)
+    st_config = folder / "config_sentence_transformers.json"
+    config = json.loads(st_config.read_text())
+    st_config.write_text(json.dumps({**config, "prompts": {"query": "query: ",
+                                                           "document": "passage: "}}))
+    encoder = get_encoder(resolve_model_spec(ModelSettings(name=str(folder))),
+                          max_batch_tokens=4096, max_batch_rows=64)
+    text = "alpha beta gamma delta " * 200
+    chunks = encoder.chunk([text], window=encoder.content_capacity, overlap=0, truncate=False)[0]
+    assert len(chunks) > 1
+    tokenizer = encoder.tokenizer
+    for chunk in chunks:
+        untruncated = tokenizer("passage: " + chunk.text)["input_ids"]
+        assert len(untruncated) <= encoder.spec.max_length, "the window fits with its prompt"
+        assert encoder.tokenize(["passage: " + chunk.text])[0] == untruncated
 
 
 def test_same_weights_under_another_prompt_or_length_reuse_the_model_with_the_new_spec(

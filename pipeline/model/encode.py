@@ -126,11 +126,15 @@ class Encoder:
         self.special_tokens = tokenizer.num_special_tokens_to_add(pair=False) + (
             self.append_token is not None
         )
+        prompt = spec.document_prompt
+        self.document_prompt_tokens = len(
+            tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
 
     @property
     def content_capacity(self) -> int:
-        """Content tokens that fit in one sequence next to the special tokens."""
-        return self.spec.max_length - self.special_tokens
+        """Document tokens that fit in one sequence next to the special tokens and the document
+        prompt, so a chunk's text is exactly what gets embedded."""
+        return self.spec.max_length - self.special_tokens - self.document_prompt_tokens
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with special tokens, truncated to the max length, unpadded."""
