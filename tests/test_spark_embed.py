@@ -159,8 +159,16 @@ def test_missing_column_is_reported_before_the_model_is_touched(spark, corpus, t
 def test_missing_input_and_missing_model_are_named(spark, corpus, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         embed(spark, tmp_path / "nope.jsonl", tmp_path / "out")
-    with pytest.raises(ModelSpecError, match="does not exist"):
-        embed(spark, corpus, tmp_path / "out", model="/no/such/model")
+    (tmp_path / "models" / "minilm").mkdir(parents=True)
+    with pytest.raises(ModelSpecError, match=r"does not exist.*models holds \['minilm'\]"):
+        embed(spark, corpus, tmp_path / "out", model=str(tmp_path / "models" / "mini1m"))
+
+
+def test_unreadable_input_names_the_reason(spark, tmp_path):
+    garbage = tmp_path / "docs.parquet"
+    garbage.write_bytes(b"this is not parquet at all" * 10)
+    with pytest.raises(InputError, match=r"as parquet: .*(Parquet|magic)"):
+        embed(spark, garbage, tmp_path / "out")
 
 
 def test_append_with_another_model_is_refused(spark, first_run, corpus):

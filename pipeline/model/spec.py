@@ -105,7 +105,17 @@ def resolve_model_path(name: str) -> Path:
         return path.resolve()
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return _download_from_hub(name)
-    raise ModelSpecError(f"model folder {name} does not exist (and it is not a hub id org/name)")
+    raise ModelSpecError(f"model folder {name} does not exist (and it is not a hub id "
+                         f"org/name); {_nearest_listing(path)}")
+
+
+def _nearest_listing(path: Path) -> str:
+    """What exists nearest to a missing path, to show a mistyped name."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    found = sorted(p.name for p in parent.iterdir())[:20] if parent.is_dir() else []
+    return f"{parent} holds {found}"
 
 
 def _download_from_hub(repo_id: str, revision: str | None = None) -> Path:

@@ -74,9 +74,7 @@ def read_source(spark: SparkSession, settings: InputSettings,
     except InputError:
         raise
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InputError(f"cannot read {path} as {fmt}: {type(error).__name__}: {first_line}"
-                         ) from error
+        raise InputError(f"cannot read {path} as {fmt}: {read_error_reason(error)}") from error
     wanted = required if required is not None else {
         "input.id_col": settings.id_col, "input.text_col": settings.text_col,
         "input.title_col": settings.title_col}
@@ -84,6 +82,19 @@ def read_source(spark: SparkSession, settings: InputSettings,
     if missing:
         raise InputError(f"{path} ({fmt}) has no column {', '.join(missing)}; it has {columns}")
     return df
+
+
+def read_error_reason(error: Exception) -> str:
+    """One line that says why a read failed. A Py4J error's own first line only names the Java
+    call; the reason is the message of its deepest cause."""
+    messages = []
+    cause = getattr(error, "java_exception", None)
+    while cause is not None:
+        if cause.getMessage():
+            messages.append(f"{cause.getClass().getSimpleName()}: {cause.getMessage()}")
+        cause = cause.getCause()
+    text = messages[-1] if messages else f"{type(error).__name__}: {error}"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 CSV_DEFAULTS = {"header": "true", "multiLine": "true", "escape": '"'}
