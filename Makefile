@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # As after `source .venv/bin/activate`: spark-submit finds its Spark through `python3`.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup quickstart test lint
+.PHONY: setup quickstart test lint wheel
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,13 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: setup
 	$(BIN)/spark-submit jobs/embed_corpus.py
+
+# The package as a wheel in dist/ (profiles, discovery script and sample corpus inside), to
+# install on a cluster: Databricks `%pip install /Volumes/...whl`, a bundle library, spark-submit nodes.
+# build/ goes first: setuptools would otherwise carry files left over from earlier builds.
+wheel: setup
+	rm -rf build dist/spark_embed_pipeline-*.whl
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 
 lint: setup
 	$(BIN)/ruff check .

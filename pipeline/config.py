@@ -15,7 +15,9 @@ import yaml
 
 from pipeline.vectors import VECTOR_FORMATS
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The profiles travel inside the package, so `--config databricks` works wherever it is installed:
+# in a checkout pipeline/conf is a link to the top-level conf/, in a built wheel a folder of copies.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULT_PROFILE = "local"
 
 INPUT_FORMATS = ("auto", "delta", "parquet", "jsonl", "csv", "table")
