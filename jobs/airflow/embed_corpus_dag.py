@@ -1,15 +1,21 @@
 """Airflow DAG: embed new and changed documents into Delta every day.
 
-Copy this file into the DAGs folder of an Airflow whose workers can run the pipeline's
-`spark-submit` (put the pipeline environment's `bin` on PATH). Everything site-specific comes from
-Airflow Variables and DAG params, nothing is hard-coded:
+Needs Airflow >= 3.0 (the `airflow.sdk` API) with apache-airflow-providers-apache-spark. Copy this
+file into the DAGs folder of an Airflow whose workers can run the pipeline's `spark-submit` (put
+the pipeline environment's `bin` on PATH). Everything site-specific comes from Airflow Variables
+and DAG params, nothing is hard-coded:
 
 - Variable `embed_corpus_application`: path of `jobs/embed_corpus.py` (default: next to this DAG)
+- Variable `embed_corpus_cluster_application`: path of `jobs/cluster_embeddings.py` (default: in
+  the folder of `embed_corpus_application`)
 - Variable `embed_corpus_spark_conn_id`: the Spark connection (default `spark_default`)
 - params `input`, `output`, `model`, `profile`, `mode`; `cluster` (default off) adds a
-  downstream clustering of the vectors with `cluster_k`
+  downstream clustering of the vectors, trying each k of `cluster_k` (comma-separated)
 
-The task's return value, pushed to XCom, is the run summary the job prints.
+The task's return value, pushed to XCom, is the run summary the job prints. The job writes it to a
+local file (`--summary-file`) that this task reads, so the connection's deploy mode must be
+`client` (the default): in `cluster` mode the driver runs elsewhere, and the task falls back to
+the last summary line in spark-submit's output, or fails saying so.
 """
 
 from __future__ import annotations
@@ -23,11 +29,35 @@ from tempfile import TemporaryDirectory
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param, Variable
+from airflow.sdk.exceptions import AirflowFailException
 
 DEFAULT_APPLICATION = str(Path(__file__).resolve().parent.parent / "embed_corpus.py")
-APPLICATION = ("{{ var.value.get('embed_corpus_application', '" + DEFAULT_APPLICATION
-               + "') }}")
-CLUSTER_APPLICATION = str(Path(DEFAULT_APPLICATION).with_name("cluster_embeddings.py"))
+APPLICATION_EXPR = "var.value.get('embed_corpus_application', '" + DEFAULT_APPLICATION + "')"
+APPLICATION = "{{ " + APPLICATION_EXPR + " }}"
+# The clustering job: its own Variable, else the file next to the embedding job.
+CLUSTER_APPLICATION = ("{{ var.value.get('embed_corpus_cluster_application', sibling("
+                       + APPLICATION_EXPR + ", 'cluster_embeddings.py')) }}")
+
+
+def sibling(path: str, name: str) -> str:
+    """The file `name` in the folder of `path` (a template macro)."""
+    return str(Path(path).with_name(name))
+
+
+def summary_from_output(lines) -> dict | None:
+    """The run summary among spark-submit's output lines: the last JSON object with a run id
+    (the job prints it last on stdout; Spark may log after it)."""
+    for line in reversed(list(lines)):
+        text = line.strip()
+        if not text.startswith("{"):
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and "run_id" in value:
+            return value
+    return None
 
 
 class EmbedCorpusOperator(SparkSubmitOperator):
@@ -39,7 +69,23 @@ class EmbedCorpusOperator(SparkSubmitOperator):
             self.application_args = [*(self.application_args or []), "--summary-file",
                                      str(summary_file)]
             super().execute(context)
-            return json.loads(summary_file.read_text())
+            if summary_file.exists():
+                return json.loads(summary_file.read_text())
+        # No file: the driver ran on another machine (deploy mode cluster), or the application
+        # writes none. The provider keeps the tail of spark-submit's output, which carries the
+        # summary line wherever the driver's stdout comes through.
+        output = getattr(getattr(self, "_hook", None), "_last_submit_log_lines", None) or []
+        summary = summary_from_output(output)
+        if summary is None:
+            raise AirflowFailException(
+                f"the job ran but left no summary: {summary_file} was not written on this worker "
+                "and spark-submit's output holds no summary line. The DAG reads the summary "
+                "locally, so run it with deploy mode client (the Spark connection's "
+                "deploy-mode extra, or unset)."
+            )
+        self.log.warning("no summary file (deploy mode cluster?); using the summary line "
+                         "spark-submit printed")
+        return summary
 
 
 def clustering_requested(params: dict, **_context) -> bool:
@@ -69,6 +115,7 @@ with DAG(
         "cluster_k": Param("4,6,8", type="string"),
     },
     tags=["embeddings", "delta"],
+    user_defined_macros={"sibling": sibling},
 ) as dag:
     spark_job = {
         "conn_id": Variable.get("embed_corpus_spark_conn_id", default="spark_default"),
