@@ -4,9 +4,18 @@
 # MAGIC
 # MAGIC Runs the same library code as `jobs/embed_corpus.py` on the cluster's own `spark`.
 # MAGIC Install the package once per cluster or notebook session (the runtime already has Spark,
-# MAGIC Delta, and on ML GPU runtimes torch and transformers):
+# MAGIC Delta, and on ML GPU runtimes torch and transformers). It is not on PyPI: build its wheel
+# MAGIC (`make wheel` in the repository), copy it to a Unity Catalog volume, and install it from
+# MAGIC there in a cell of its own:
 # MAGIC
-# MAGIC `%pip install spark-embed-pipeline`
+# MAGIC ```
+# MAGIC databricks fs cp dist/spark_embed_pipeline-0.1.0-py3-none-any.whl \
+# MAGIC     dbfs:/Volumes/<catalog>/<schema>/<volume>/
+# MAGIC ```
+# MAGIC
+# MAGIC `%pip install /Volumes/<catalog>/<schema>/<volume>/spark_embed_pipeline-0.1.0-py3-none-any.whl`
+# MAGIC
+# MAGIC The job in `databricks.yml` builds the wheel and installs it on its cluster itself.
 # MAGIC
 # MAGIC Widgets: input table, output table, model folder, profile, mode. The last cell shows the
 # MAGIC run summary (the same JSON the job prints).
