@@ -8,6 +8,7 @@ The last line on stdout is the run summary as one JSON object."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -37,8 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def exit_on_sigterm() -> None:
+    """Schedulers stop jobs with SIGTERM (an Airflow timeout, a YARN kill): turn it into an
+    exception, so the run is recorded as failed with what it committed."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit("terminated by SIGTERM"))
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_job_logging()
+    exit_on_sigterm()
     args = parse_args(argv)
     try:
         settings = load_settings(args.config, args.overrides,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from pipeline.store.runs import append_run, write_rejects
 
 log = logging.getLogger("pipeline.embed")
 
+DUPLICATE_FAILS = "duplicate id (input.duplicates=fail)"
 TO_EMBED = ("new", "changed")
 
 
@@ -111,11 +113,14 @@ class Run:
 
     spark: SparkSession
     settings: Settings
-    spec: ModelSpec
     table: TableRef
+    spec: ModelSpec = field(init=False)  # resolved by check_inputs
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     clock: float = field(default_factory=time.perf_counter)
+    plan: RunPlan = field(default_factory=RunPlan)
+    written: ChunkTotals = field(default_factory=ChunkTotals)
+    version: int | None = None  # the last version this run committed
 
     @property
     def elapsed(self) -> float:
@@ -149,24 +154,73 @@ def embed_documents(docs: DataFrame, worker: WorkerSpec, partitions: int) -> Dat
 
 def run_embedding(spark: SparkSession, settings: Settings, dry_run: bool = False
                   ) -> RunSummary | RunPlan:
-    """Everything is checked (source, columns, model folder, model guard) before any embedding;
-    the run is recorded in `<output>_runs`, as failed too when it fails."""
-    source = read_source(spark, settings.input)
-    run = Run(spark, settings, resolve_model_spec(settings.model),
-              TableRef.parse(settings.output.path))
-    flagged = flag_rows(source, settings.input, run.run_id)
+    """Everything is checked (source, columns, model folder, duplicate ids, model guard) before
+    any embedding. Every run is recorded in `<output>_runs`; a failed one too, whether it fails
+    at a check, halfway (with what its committed waves wrote) or is interrupted."""
+    run = Run(spark, settings, TableRef.parse(settings.output.path))
     if dry_run:
-        return dry_run_plan(run, flagged)
-    plan = RunPlan()
+        return dry_run_plan(run, check_inputs(run))
     try:
-        summary, plan = _run(run, flagged)
-    except Exception as error:
-        append_run(spark, run.table, run_record(run, plan, None, "failed", repr(error)))
+        flagged = check_inputs(run)
+        try:
+            summary = _run(run, flagged)
+        finally:
+            flagged.unpersist()
+    except BaseException as error:
+        _record_failure(run, error)
         raise
-    finally:
-        flagged.unpersist()
-    append_run(spark, run.table, run_record(run, plan, summary, "succeeded", None))
+    append_run(spark, run.table, run_record(run, "succeeded", None))
     return summary
+
+
+def check_inputs(run: Run) -> DataFrame:
+    """The source's columns, the model folder and the source's ids, before any embedding.
+    Returns every source row flagged with its reject reason."""
+    source = read_source(run.spark, run.settings.input)
+    run.spec = resolve_model_spec(run.settings.model)
+    flagged = flag_rows(source, run.settings.input, run.run_id)
+    if run.settings.input.duplicates == "fail":
+        _fail_on_duplicate_ids(run, flagged)
+    return flagged
+
+
+def _record_failure(run: Run, error: BaseException) -> None:
+    """Record the failed run. An interrupt (SIGTERM, Ctrl-C) may land in the middle of a Py4J
+    call, whose connection then holds a stale answer: stop the Spark jobs still running and
+    record from a fresh thread, which gets a connection of its own."""
+    def record() -> None:
+        if not isinstance(error, Exception):
+            _stop_spark_jobs(run.spark)
+        try:
+            _count_committed(run)
+            append_run(run.spark, run.table, run_record(run, "failed", repr(error)))
+        except Exception as record_error:  # the original error is the one to report
+            log.error("run %s failed and could not be recorded: %r", run.run_id, record_error)
+
+    recorder = threading.Thread(target=record, name=f"record-{run.run_id}")
+    recorder.start()
+    recorder.join()
+
+
+def _stop_spark_jobs(spark: SparkSession) -> None:
+    try:
+        spark.interruptAll()
+    except Exception as error:
+        log.warning("could not stop the running Spark jobs: %r", error)
+
+
+def _count_committed(run: Run) -> None:
+    """What a failed run left in the table, read from the rows that carry its run id: exact
+    even when it was stopped in the middle of a commit."""
+    if not run.table.exists(run.spark):
+        return
+    row = (run.table.delta(run.spark).toDF().where(F.col("run_id") == run.run_id)
+           .agg(F.sum(F.when(F.col("chunk_index") == 0, 1).otherwise(0)).alias("documents"),
+                F.count(F.lit(1)).alias("chunks"), F.sum("token_count").alias("tokens"))
+           .collect()[0])
+    if row["chunks"]:
+        run.written = ChunkTotals(row["documents"], row["chunks"], int(row["tokens"]))
+        run.version = run.table.version(run.spark)
 
 
 def dry_run_plan(run: Run, flagged: DataFrame) -> RunPlan:
@@ -181,25 +235,26 @@ def dry_run_plan(run: Run, flagged: DataFrame) -> RunPlan:
     return plan
 
 
-def _run(run: Run, flagged: DataFrame) -> tuple[RunSummary, RunPlan]:
+def _run(run: Run, flagged: DataFrame) -> RunSummary:
     mode = run.settings.output.mode
     properties = table_properties(run)
     existed = prepare_table(run.spark, run.table, run.spark.createDataFrame([], VECTOR_DDL),
                             mode, properties)
-    plan, planned = make_plan(run, flagged, table_exists=existed and mode == "incremental")
+    run.plan, planned = make_plan(run, flagged, table_exists=existed and mode == "incremental")
     log.info("run %s (%s) planned after %.1fs: %s", run.run_id, mode, run.elapsed,
-             json.dumps(asdict(plan), sort_keys=True))
-    write_rejects(run.spark, run.table, flagged, run.run_id, plan.rejected)
+             json.dumps(asdict(run.plan), sort_keys=True))
+    write_rejects(run.spark, run.table, flagged, run.run_id, run.plan.rejected)
     try:
         if mode == "incremental":
-            totals = embed_in_waves(run, plan, planned)
-            version = run.table.version(run.spark)
+            embed_in_waves(run, planned)
+            run.version = run.table.version(run.spark)
         else:
-            version, totals = write_in_one_commit(run, planned.where(F.col("status") == "new"),
-                                                  properties)
+            run.version, totals = write_in_one_commit(
+                run, planned.where(F.col("status") == "new"), properties)
+            run.written.add(totals)
     finally:
         planned.unpersist()
-    return summarize(run, plan, totals, version), plan
+    return summarize(run)
 
 
 def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
@@ -225,9 +280,13 @@ def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
 
 
 def table_properties(run: Run) -> dict[str, str]:
-    """What the table says about its vectors: the model's properties and the stored format."""
+    """What the table says about its rows: the model's properties, the stored format and the
+    chunking (rows chunked another way would not match a clean run)."""
+    chunking = run.settings.chunking
     return {**run.spec.table_properties(),
-            "pipeline.vector_format": run.settings.output.vector_format}
+            "pipeline.vector_format": run.settings.output.vector_format,
+            "pipeline.chunking": f"{chunking.mode}:{chunking.chunk_tokens or 'auto'}"
+                                 f":{chunking.chunk_overlap}"}
 
 
 def flag_rows(source: DataFrame, settings: InputSettings, run_id: str) -> DataFrame:
@@ -240,28 +299,37 @@ def flag_rows(source: DataFrame, settings: InputSettings, run_id: str) -> DataFr
     docs = documents(source, settings)
     valid = F.col("reject_reason").isNull()
     if settings.duplicates == "fail":
-        _fail_on_duplicate_ids(docs.where(valid))
-        flagged = docs
+        valid_rows = F.sum(F.when(valid, 1).otherwise(0)).over(Window.partitionBy("doc_id"))
+        duplicate = valid & (valid_rows > 1)
+        reason = F.lit(DUPLICATE_FAILS)
     else:
         latest = Window.partitionBy("doc_id").orderBy(
-            F.when(valid, 0).otherwise(1), F.col("order_key").desc_nulls_last())
-        superseded = valid & (F.row_number().over(latest) > 1)
-        flagged = docs.withColumn("reject_reason", F.when(
-            superseded, F.lit(f"duplicate id, superseded by a later {settings.order_col}")
-        ).otherwise(F.col("reject_reason")))
+            F.when(valid, 0).otherwise(1), F.col("order_key").desc_nulls_last(),
+            F.col("content_hash").desc())  # ties on the order column: still one answer
+        duplicate = valid & (F.row_number().over(latest) > 1)
+        reason = F.lit(f"duplicate id, superseded by a later {settings.order_col}")
+    flagged = docs.withColumn("reject_reason",
+                              F.when(duplicate, reason).otherwise(F.col("reject_reason")))
     return (flagged.drop("order_key").withColumn("run_id", F.lit(run_id))
             .persist(StorageLevel.DISK_ONLY))
 
 
-def _fail_on_duplicate_ids(valid: DataFrame) -> None:
-    duplicates = (valid.groupBy("doc_id").count().where(F.col("count") > 1)
-                  .orderBy(F.col("count").desc()).limit(5).collect())
-    if duplicates:
-        listed = ", ".join(f"{row['doc_id']!r} x{row['count']}" for row in duplicates)
-        raise InputError(
-            f"duplicate document ids in the source: {listed}; deduplicate the source, or set "
-            "input.duplicates=keep_last with input.order_col to keep the latest row per id"
-        )
+def _fail_on_duplicate_ids(run: Run, flagged: DataFrame) -> None:
+    """With input.duplicates=fail, a duplicated id stops the run before anything is embedded;
+    the rows are quarantined first, so the rejects table shows every one of them."""
+    duplicates = (flagged.where(F.col("reject_reason") == DUPLICATE_FAILS)
+                  .groupBy("doc_id").count()
+                  .orderBy(F.col("count").desc(), "doc_id").limit(5).collect())
+    if not duplicates:
+        return
+    rejected = flagged.where(F.col("reject_reason").isNotNull()).count()
+    write_rejects(run.spark, run.table, flagged, run.run_id, rejected)
+    listed = ", ".join(f"{row['doc_id']!r} x{row['count']}" for row in duplicates)
+    raise InputError(
+        f"duplicate document ids in the source: {listed}; deduplicate the source, or set "
+        "input.duplicates=keep_last with input.order_col to keep the latest row per id "
+        f"(the rows are in {run.table.sibling('_rejects').location})"
+    )
 
 
 def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan, DataFrame]:
@@ -300,9 +368,9 @@ def _status() -> Column:
             .otherwise(F.lit("changed")))
 
 
-def embed_in_waves(run: Run, plan: RunPlan, planned: DataFrame) -> ChunkTotals:
+def embed_in_waves(run: Run, planned: DataFrame) -> None:
     """Embed and MERGE wave after wave, each wave one commit; then delete missing documents."""
-    totals = ChunkTotals()
+    plan = run.plan
     retries = run.settings.output.commit_retries
     for wave in range(plan.waves):
         in_wave = F.pmod(F.xxhash64("doc_id"), F.lit(plan.waves)) == wave
@@ -318,7 +386,7 @@ def embed_in_waves(run: Run, plan: RunPlan, planned: DataFrame) -> ChunkTotals:
                 f"wave {wave + 1}/{plan.waves}", retries)
         finally:
             chunks.unpersist()
-        totals.add(wave_totals)
+        run.written.add(wave_totals)
         log.info("run %s: wave %d/%d committed: %d documents, %d chunks (embedded in %.1fs, "
                  "merged in %.1fs)", run.run_id, wave + 1, plan.waves, wave_totals.documents,
                  wave_totals.chunks, merge_started - embedding_started,
@@ -327,7 +395,6 @@ def embed_in_waves(run: Run, plan: RunPlan, planned: DataFrame) -> ChunkTotals:
         gone = planned.where(F.col("status") == "deleted").select("doc_id")
         with_commit_retries(lambda: delete_documents(run.spark, run.table, gone),
                             "deleting missing documents", retries)
-    return totals
 
 
 def observed_chunks(run: Run, docs: DataFrame) -> DataFrame:
@@ -366,7 +433,8 @@ def _observed_totals(chunks: DataFrame) -> ChunkTotals:
     return _totals(chunks.agg(*_total_columns()).collect()[0])
 
 
-def summarize(run: Run, plan: RunPlan, totals: ChunkTotals, version: int) -> RunSummary:
+def summarize(run: Run) -> RunSummary:
+    plan, totals, version = run.plan, run.written, run.version
     seconds = time.perf_counter() - run.clock
     return RunSummary(
         run_id=run.run_id,
@@ -393,20 +461,21 @@ def summarize(run: Run, plan: RunPlan, totals: ChunkTotals, version: int) -> Run
     )
 
 
-def run_record(run: Run, plan: RunPlan, summary: RunSummary | None, status: str,
-               error: str | None) -> dict:
+def run_record(run: Run, status: str, error: str | None) -> dict:
+    """The run's row in `<output>_runs`; a failed run still says what it committed."""
+    spec = getattr(run, "spec", None)  # unset when the model folder itself failed
     return {
         "run_id": run.run_id,
         "started_at": run.started_at,
         "ended_at": datetime.now(timezone.utc),
         "status": status,
         "mode": run.settings.output.mode,
-        "plan": json.dumps(asdict(plan), sort_keys=True),
-        "chunks_written": summary.chunks_written if summary else None,
-        "tokens": summary.tokens if summary else None,
+        "plan": json.dumps(asdict(run.plan), sort_keys=True),
+        "chunks_written": run.written.chunks,
+        "tokens": run.written.tokens,
         "seconds": round(time.perf_counter() - run.clock, 2),
-        "model_fingerprint": run.spec.fingerprint,
+        "model_fingerprint": spec.fingerprint if spec else None,
         "config": json.dumps(run.settings.to_dict(), sort_keys=True),
-        "table_version": summary.table_version if summary else None,
+        "table_version": run.version,
         "error": error,
     }

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
+from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
 from pipeline.store.delta import ModelMismatchError
 from tests.conftest import REPO, write_jsonl
@@ -132,9 +133,14 @@ def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_
     embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS)
     with pytest.raises(ModelMismatchError, match=r"model_fingerprint=.*--mode overwrite"):
         embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.pooling=cls")
-    with pytest.raises(ModelMismatchError, match="dimension"):
+    with pytest.raises(ModelMismatchError, match=r"pipeline.dimension=384 \(this run: 64\)"):
         embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.output_dim=64",
               "model.normalize=true")
+    with pytest.raises(ModelMismatchError, match=r"pipeline.max_length=256 \(this run: 128\)"):
+        embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.max_length=128")
+    with pytest.raises(ModelMismatchError, match=r"pipeline.chunking=window:48:8 \(this run"):
+        embed(spark, folder / "v1.jsonl", target, "chunking.chunk_tokens=64",
+              "chunking.chunk_overlap=8")
     before = DeltaTable(str(target)).version()
     replaced = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.output_dim=64",
                      mode="overwrite")
@@ -145,11 +151,19 @@ def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_
     assert set(rows.model_fingerprint) == {replaced.model_fingerprint}
     assert len(rows.embedding.iloc[0]) == 64
     runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
-    assert sorted(runs.status) == ["failed", "failed", "succeeded", "succeeded"]
+    assert sorted(runs.status) == ["failed"] * 4 + ["succeeded"] * 2
     failed = runs[runs.status == "failed"]
     assert failed.error.str.contains("ModelMismatchError").all()
     assert json.loads(runs[runs.run_id == replaced.run_id].config.iloc[0])["output"]["mode"] == \
         "overwrite"
+
+
+def test_a_table_this_pipeline_did_not_make_is_refused(spark, base_run, tmp_path):
+    folder, _ = base_run
+    spark.range(3).write.format("delta").save(str(tmp_path / "theirs"))
+    with pytest.raises(ModelMismatchError, match=r"records no pipeline\.model_fingerprint"):
+        embed(spark, folder / "v1.jsonl", tmp_path / "theirs", *SMALL_CHUNKS)
+    assert DeltaTable(str(tmp_path / "theirs")).version() == 0
 
 
 def test_every_kind_of_bad_row_is_quarantined_with_its_reason(spark, tmp_path):
@@ -169,9 +183,16 @@ def test_every_kind_of_bad_row_is_quarantined_with_its_reason(spark, tmp_path):
     source.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"_id": "torn", "te\n')
     with pytest.raises(InputError, match=r"duplicate document ids.*'dup' x2"):
         embed(spark, source, tmp_path / "vectors")
+    held = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()
+    assert sorted(held[held.doc_id == "dup"].text_prefix) == ["newer", "older"]
+    assert set(held[held.doc_id == "dup"].reason) == {"duplicate id (input.duplicates=fail)"}
+    failed = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
+    assert failed.status.tolist() == ["failed"] and "duplicate" in failed.error.iloc[0]
+    assert not (tmp_path / "vectors").exists(), "nothing embedded"
     summary = embed(spark, source, tmp_path / "vectors", "input.duplicates=keep_last",
                     "input.order_col=v", "input.max_text_bytes=200")
     rejects = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()
+    rejects = rejects[rejects.run_id == summary.run_id]
     reasons = sorted(zip(rejects.doc_id.fillna("<null>"), rejects.reason, strict=True))
     assert reasons == sorted([
         ("<null>", "null id"), ("<null>", "malformed record"), ("null", "null text"),
@@ -209,6 +230,46 @@ def test_two_concurrent_runs_leave_one_valid_table(spark, base_run, tmp_path):
     assert rerun.documents_embedded == 0 or errors
     embed(spark, folder / "v1.jsonl", tmp_path / "clean", *SMALL_CHUNKS)
     assert_same_table(table_frame(target), table_frame(tmp_path / "clean"))
+
+
+def test_a_run_failing_at_its_checks_is_recorded_as_failed(spark, base_run, tmp_path):
+    folder, _ = base_run
+    with pytest.raises(InputError, match="no column"):
+        embed(spark, folder / "v1.jsonl", tmp_path / "vectors", text_col="body")
+    with pytest.raises(ModelSpecError, match="does not exist"):
+        embed(spark, folder / "v1.jsonl", tmp_path / "vectors", model=str(tmp_path / "nope"))
+    runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas().sort_values("started_at")
+    assert runs.status.tolist() == ["failed", "failed"]
+    assert runs.error.str.contains("InputError").iloc[0]
+    assert runs.error.str.contains("ModelSpecError").iloc[1]
+    assert runs.model_fingerprint.isna().all(), "neither got as far as the model"
+    assert (runs.chunks_written == 0).all() and runs.table_version.isna().all()
+
+
+@pytest.mark.slow
+def test_a_terminated_run_is_recorded_as_failed_with_what_it_committed(tmp_path, sample_docs):
+    source = write_jsonl(tmp_path / "docs.jsonl", sample_docs[:80])
+    target = tmp_path / "vectors"
+    log = tmp_path / "job.log"
+    with log.open("w") as handle:
+        job = subprocess.Popen(
+            [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),
+             "--output", str(target), "--set", "output.wave_docs=20",
+             "--set", "chunking.chunk_tokens=96"], stdout=handle, stderr=handle)
+    first_wave = target / "_delta_log" / "00000000000000000001.json"
+    deadline = time.time() + 600
+    while not first_wave.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first_wave.exists(), log.read_text()[-3000:]
+    job.terminate()  # SIGTERM to the driver only, as a scheduler's timeout sends it
+    assert job.wait(timeout=300) != 0
+    runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
+    assert runs.status.tolist() == ["failed"], log.read_text()[-3000:]
+    assert "SIGTERM" in runs.error.iloc[0]
+    written = DeltaTable(str(target))
+    committed = written.to_pandas()
+    assert runs.chunks_written.iloc[0] == len(committed) > 0
+    assert runs.table_version.iloc[0] == written.version()
 
 
 @pytest.mark.slow

@@ -135,16 +135,27 @@ def with_commit_retries(action: Callable[[], T], what: str, retries: int) -> T:
     raise AssertionError("unreachable")
 
 
+GUARDED_PROPERTIES = ("pipeline.model_fingerprint", "pipeline.dimension",
+                      "pipeline.vector_format", "pipeline.max_length", "pipeline.chunking")
+
+
 def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, str]) -> None:
-    """Refuse to add vectors of another model or dimension to a table."""
-    for key in ("pipeline.model_fingerprint", "pipeline.dimension", "pipeline.vector_format"):
-        if key in stored and key in wanted and stored[key] != wanted[key]:
-            raise ModelMismatchError(
-                f"{table.location} holds vectors with {key}={stored[key]} "
-                f"(model {stored.get('pipeline.model_id')}), this run makes {key}={wanted[key]} "
-                f"(model {wanted['pipeline.model_id']}); write to a new table, or replace this "
-                "one with --mode overwrite"
-            )
+    """Refuse to add rows made another way (model, dimension, format, max length, chunking) to
+    a table, or to a table this pipeline did not make; the error lists every difference."""
+    if "pipeline.model_fingerprint" not in stored:
+        raise ModelMismatchError(
+            f"{table.location} exists but records no pipeline.model_fingerprint, so this "
+            "pipeline did not make it; write to a new table, or replace this one with "
+            "--mode overwrite"
+        )
+    differences = [f"{key}={stored[key]} (this run: {wanted[key]})" for key in GUARDED_PROPERTIES
+                   if key in stored and key in wanted and stored[key] != wanted[key]]
+    if differences:
+        raise ModelMismatchError(
+            f"{table.location} holds vectors of model {stored.get('pipeline.model_id')} made "
+            f"with {', '.join(differences)}; this run uses model {wanted['pipeline.model_id']}. "
+            "Write to a new table, or replace this one with --mode overwrite"
+        )
 
 
 def prepare_table(spark: SparkSession, table: TableRef, schema_df: DataFrame, mode: str,
