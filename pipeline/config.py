@@ -192,8 +192,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(text) if text.strip() else None
 
 
+# Settings that are maps of free-form keys, which contain dots themselves.
+MAP_SETTINGS = ("spark.conf", "input.csv_options")
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `section.key` in the raw profile; `spark.conf.spark.task.cpus=2` sets one entry of
+    the spark.conf map."""
     parts = key.split(".")
+    for prefix in MAP_SETTINGS:
+        if key.startswith(prefix + "."):
+            parts = [*prefix.split("."), key[len(prefix) + 1:]]
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})

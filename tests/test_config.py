@@ -241,3 +241,13 @@ def test_production_profile_needs_input_and_output_only_where_the_job_embeds_a_c
         load_settings("qwen3-embedding-4b")
     settings = load_settings("qwen3-embedding-4b", require_io=False)
     assert settings.model.name == "Qwen/Qwen3-Embedding-4B" and settings.output.path == ""
+
+
+def test_set_reaches_one_entry_of_a_map_setting_whose_keys_have_dots() -> None:
+    settings = load_settings("qwen3-embedding-4b", overrides=[
+        "spark.conf.spark.executor.resource.gpu.discoveryScript=/opt/spark/getGpus.sh",
+        "input.csv_options.sep=;"], require_io=False)
+    conf = settings.spark.conf
+    assert conf["spark.executor.resource.gpu.discoveryScript"] == "/opt/spark/getGpus.sh"
+    assert conf["spark.task.resource.gpu.amount"] == "1", "the profile's other entries stay"
+    assert settings.input.csv_options["sep"] == ";"
