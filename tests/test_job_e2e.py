@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
+from pipeline.text import document_text
 from tests.conftest import REPO, SAMPLE_CORPUS
 
 BIN = Path(sys.executable).parent
@@ -36,14 +37,21 @@ def test_spark_submit_embeds_the_sample_corpus_like_the_encoder(tmp_path, minilm
     assert "partition" in done.stderr and "tokens/s" in done.stderr, "progress is logged"
 
     table = DeltaTable(str(tmp_path / "data" / "sample_vectors"))
-    rows = table.to_pandas()
-    assert len(rows) == summary["chunks_written"] and table.version() == summary["table_version"]
+    rows = table.to_pandas().sort_values(["doc_id", "chunk_index"])
+    assert table.version() == summary["table_version"]
+    docs = [json.loads(line) for line in SAMPLE_CORPUS.read_text().splitlines()]
+    texts = {d["_id"]: document_text(d["text"], d["title"]) for d in docs}
+    chunks = minilm_encoder.chunk(list(texts.values()), 254, 32, truncate=False)
+    expected = sorted((doc_id, chunk.index, chunk.text)
+                      for doc_id, doc_chunks in zip(texts, chunks, strict=True)
+                      for chunk in doc_chunks)
+    assert len(rows) == summary["chunks_written"] == len(expected)
+    assert list(zip(rows.doc_id, rows.chunk_index, rows.chunk_text, strict=True)) == expected
     vectors = np.stack(rows["embedding"].to_numpy()).astype(np.float32)
     assert vectors.shape[1] == 384
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    sample = rows.sample(n=60, random_state=0)
-    reference = minilm_encoder.embed(sample["chunk_text"].tolist())
-    assert np.abs(np.stack(sample["embedding"].to_numpy()) - reference).max() <= 1e-5
+    reference = minilm_encoder.embed(rows["chunk_text"].tolist())
+    assert np.abs(vectors - reference).max() <= 1e-5
 
 
 def test_python_job_rejects_a_missing_column_naming_what_exists(tmp_path):
