@@ -80,7 +80,10 @@ def read_source(spark: SparkSession, settings: InputSettings,
         "input.title_col": settings.title_col}
     missing = [f"{key}={name!r}" for key, name in wanted.items() if name and name not in columns]
     if missing:
-        raise InputError(f"{path} ({fmt}) has no column {', '.join(missing)}; it has {columns}")
+        hint = ("; the title is optional: --title-col '' embeds the text alone"
+                if wanted.get("input.title_col") not in (None, "", *columns) else "")
+        raise InputError(f"{path} ({fmt}) has no column {', '.join(missing)}; it has {columns}"
+                         f"{hint}")
     return df
 
 
