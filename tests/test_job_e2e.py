@@ -72,3 +72,14 @@ def test_python_job_on_a_corpus_without_titles_says_the_title_is_optional(tmp_pa
                    "--title-col", "", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["documents_embedded"] == 1
+
+
+def test_python_job_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    done = run_job([sys.executable], "--output", str(tmp_path / "out"), "--dry-run",
+                   "--no-delete-missing", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads(done.stdout.strip().splitlines()[-1])
+    documents = len(SAMPLE_CORPUS.read_text().splitlines())
+    assert plan["dry_run"] is True and plan["new"] == plan["documents_read"] == documents
+    assert plan["delete_missing"] is False and plan["waves"] >= 1
+    assert not list(tmp_path.glob("out*")), "nothing written, not even the run record"
