@@ -273,6 +273,36 @@ def test_a_terminated_run_is_recorded_as_failed_with_what_it_committed(tmp_path,
 
 
 @pytest.mark.slow
+def test_two_jobs_in_separate_processes_leave_one_valid_table(tmp_path, sample_docs):
+    """As two schedulers would: two spark-submits, two JVMs, one table."""
+    source = write_jsonl(tmp_path / "docs.jsonl", sample_docs[:40])
+    args = [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),
+            "--set", "output.wave_docs=10", "--set", "chunking.chunk_tokens=96"]
+    target = tmp_path / "shared"
+    logs = [tmp_path / f"job{i}.log" for i in range(2)]
+    jobs = []
+    for log in logs:
+        with log.open("w") as handle:
+            jobs.append(subprocess.Popen([*args, "--output", str(target)], stdout=handle,
+                                         stderr=handle))
+    codes = [job.wait(timeout=900) for job in jobs]
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0 or (code == 2 and "another writer" in log.read_text()), \
+            log.read_text()[-3000:]
+    rerun = subprocess.run([*args, "--output", str(target)], capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    if all(code == 0 for code in codes):
+        assert json.loads(rerun.stdout.strip().splitlines()[-1])["documents_embedded"] == 0
+    clean = subprocess.run([*args, "--output", str(tmp_path / "clean")], capture_output=True,
+                           text=True, timeout=900)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert_same_table(table_frame(target), table_frame(tmp_path / "clean"))
+    runs = DeltaTable(str(tmp_path / "shared_runs")).to_pandas()
+    assert len(runs) == 3 and (runs.status == "succeeded").sum() >= 2
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_table_as_a_clean_run(tmp_path, sample_docs):
     source = write_jsonl(tmp_path / "docs.jsonl", sample_docs[:80])
     args = [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),

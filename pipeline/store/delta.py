@@ -4,6 +4,7 @@ table properties) and the rejects beside them."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ VECTOR_COLUMNS = tuple(part.split()[0] for part in VECTOR_DDL.split(", "))
 
 log = logging.getLogger("pipeline.store")
 T = TypeVar("T")
+# What Delta reports while another process is half-way through creating the same table.
+RACING_CREATE = re.compile(r"NON_EMPTY_LOCATION|DELTA_TABLE_NOT_FOUND")
 CONFLICTS = (
     delta_errors.DeltaConcurrentModificationException, delta_errors.ConcurrentWriteException,
     delta_errors.MetadataChangedException, delta_errors.ProtocolChangedException,
@@ -174,13 +177,14 @@ def prepare_table(spark: SparkSession, table: TableRef, schema_df: DataFrame, mo
 def _create_unless_racing(spark: SparkSession, table: TableRef, schema_df: DataFrame,
                           properties: dict[str, str]) -> None:
     """Create the table. A concurrent creator leaves a `_delta_log` without a first commit for a
-    moment, which Delta reports as a non-empty location; wait for that commit instead of failing."""
+    moment, which Delta reports as a non-empty location or a missing table; wait for that
+    commit instead of failing."""
     for attempt in range(5):
         try:
             table.create(spark, schema_df, properties)
             return
         except AnalysisException as error:
-            if "NON_EMPTY_LOCATION" not in str(error.getCondition()) or attempt == 4:
+            if not RACING_CREATE.search(str(error.getCondition())) or attempt == 4:
                 raise
             time.sleep(1.0)
             if table.exists(spark):
