@@ -32,7 +32,7 @@ from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
 from pipeline.search import Queries, exact_search
 from pipeline.spark.session import get_spark
-from pipeline.store.delta import TableRef, check_same_model
+from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
 from pipeline.vectors import VECTOR_FORMATS, arrow_matrix, stored_vectors, unit_rows
 
 VARIANT_DDL = ("doc_id string, chunk_index int, embedding array<float>, "
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_model_spec(settings.model)
     table = TableRef.parse(args.vectors)
     properties = table.properties(spark)
-    check_same_model(table, properties, spec.table_properties())
+    check_same_model(table, properties, spec.table_properties(), VECTOR_PROPERTIES)
     dims = [int(d) for d in args.dims.split(",")]
     if max(dims) > spec.dimension:
         parser.error(f"--dims: the table's vectors have {spec.dimension} dimensions")

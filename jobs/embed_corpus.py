@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
+from pyspark.sql import SparkSession
+
 from pipeline.config import FLAG_KEYS, SettingsError, add_profile_arguments, load_settings
-from pipeline.embed import run_embedding
+from pipeline.embed import interrupt_spark_jobs, run_embedding
 from pipeline.logs import configure_job_logging
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
@@ -38,20 +41,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def exit_on_sigterm() -> None:
-    """Schedulers stop jobs with SIGTERM (an Airflow timeout, a YARN kill): turn it into an
-    exception, so the run is recorded as failed with what it committed."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit("terminated by SIGTERM"))
+def exit_on_sigterm(spark: SparkSession) -> None:
+    """Schedulers and cluster managers stop a driver with SIGTERM: cancel its Spark actions from
+    another thread and end with an exception, so the run is recorded as failed with what it
+    committed."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set there
+
+    def stop(signum, frame) -> None:
+        threading.Thread(target=interrupt_spark_jobs, args=(spark,), daemon=True).start()
+        sys.exit("terminated by SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_job_logging()
-    exit_on_sigterm()
     args = parse_args(argv)
     try:
         settings = load_settings(args.config, args.overrides,
                                  {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()})
         spark = get_spark(settings.spark)
+        exit_on_sigterm(spark)
         summary = run_embedding(spark, settings, dry_run=args.dry_run)
     except (SettingsError, InputError, ModelSpecError, ModelMismatchError,
             CommitConflictError) as error:

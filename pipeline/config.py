@@ -189,7 +189,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise SettingsError(f"--set expects section.key=value, got {item!r}")
     key, text = item.split("=", 1)
-    return key.strip(), yaml.safe_load(text) if text.strip() else None
+    key = key.strip()
+    if any(key.startswith(prefix + ".") for prefix in MAP_SETTINGS):
+        return key, text  # one entry of a string map: the text as given ("|", ",", "0400")
+    try:
+        return key, yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise SettingsError(f"--set {item!r}: the value is not valid YAML ({error})") from error
 
 
 # Settings that are maps of free-form keys, which contain dots themselves.

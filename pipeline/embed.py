@@ -13,6 +13,8 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -31,6 +33,7 @@ from pipeline.store.delta import (
     TableRef,
     check_same_model,
     delete_documents,
+    label_missing_properties,
     merge_documents,
     prepare_table,
     relabels,
@@ -121,6 +124,7 @@ class Run:
     plan: RunPlan = field(default_factory=RunPlan)
     written: ChunkTotals = field(default_factory=ChunkTotals)
     version: int | None = None  # the last version this run committed
+    writing: bool = False  # past the checks and the plan: rows may have been committed
 
     @property
     def elapsed(self) -> float:
@@ -159,13 +163,10 @@ def run_embedding(spark: SparkSession, settings: Settings, dry_run: bool = False
     at a check, halfway (with what its committed waves wrote) or is interrupted."""
     run = Run(spark, settings, TableRef.parse(settings.output.path))
     if dry_run:
-        return dry_run_plan(run, check_inputs(run))
+        return dry_run_plan(run, check_inputs(run, dry_run=True))
     try:
-        flagged = check_inputs(run)
-        try:
+        with released(check_inputs(run)) as flagged:
             summary = _run(run, flagged)
-        finally:
-            flagged.unpersist()
     except BaseException as error:
         _record_failure(run, error)
         raise
@@ -173,14 +174,33 @@ def run_embedding(spark: SparkSession, settings: Settings, dry_run: bool = False
     return summary
 
 
-def check_inputs(run: Run) -> DataFrame:
+@contextmanager
+def released(frame: DataFrame) -> Iterator[DataFrame]:
+    """Unpersist a frame when done. Not after an interrupt: its Py4J connection then holds a
+    stale answer and would wait for the interrupted Spark action (the process is ending)."""
+    interrupted = False
+    try:
+        yield frame
+    except BaseException as error:
+        interrupted = not isinstance(error, Exception)
+        raise
+    finally:
+        if not interrupted:
+            frame.unpersist()
+
+
+def check_inputs(run: Run, dry_run: bool = False) -> DataFrame:
     """The source's columns, the model folder and the source's ids, before any embedding.
     Returns every source row flagged with its reject reason."""
     source = read_source(run.spark, run.settings.input)
     run.spec = resolve_model_spec(run.settings.model)
     flagged = flag_rows(source, run.settings.input, run.run_id)
     if run.settings.input.duplicates == "fail":
-        _fail_on_duplicate_ids(run, flagged)
+        try:
+            _fail_on_duplicate_ids(run, flagged, quarantine=not dry_run)
+        except InputError:
+            flagged.unpersist()
+            raise
     return flagged
 
 
@@ -190,7 +210,7 @@ def _record_failure(run: Run, error: BaseException) -> None:
     record from a fresh thread, which gets a connection of its own."""
     def record() -> None:
         if not isinstance(error, Exception):
-            _stop_spark_jobs(run.spark)
+            interrupt_spark_jobs(run.spark)
         try:
             _count_committed(run)
             append_run(run.spark, run.table, run_record(run, "failed", repr(error)))
@@ -202,7 +222,9 @@ def _record_failure(run: Run, error: BaseException) -> None:
     recorder.join()
 
 
-def _stop_spark_jobs(spark: SparkSession) -> None:
+def interrupt_spark_jobs(spark: SparkSession) -> None:
+    """Cancel every running Spark action of the session (call it from a thread of its own
+    after an interrupt)."""
     try:
         spark.interruptAll()
     except Exception as error:
@@ -212,7 +234,7 @@ def _stop_spark_jobs(spark: SparkSession) -> None:
 def _count_committed(run: Run) -> None:
     """What a failed run left in the table, read from the rows that carry its run id: exact
     even when it was stopped in the middle of a commit."""
-    if not run.table.exists(run.spark):
+    if not run.writing or not run.table.exists(run.spark):
         return
     row = (run.table.delta(run.spark).toDF().where(F.col("run_id") == run.run_id)
            .agg(F.sum(F.when(F.col("chunk_index") == 0, 1).otherwise(0)).alias("documents"),
@@ -240,11 +262,14 @@ def _run(run: Run, flagged: DataFrame) -> RunSummary:
     properties = table_properties(run)
     existed = prepare_table(run.spark, run.table, run.spark.createDataFrame([], VECTOR_DDL),
                             mode, properties)
+    if existed and mode == "incremental":
+        label_missing_properties(run.spark, run.table, properties)
     run.plan, planned = make_plan(run, flagged, table_exists=existed and mode == "incremental")
     log.info("run %s (%s) planned after %.1fs: %s", run.run_id, mode, run.elapsed,
              json.dumps(asdict(run.plan), sort_keys=True))
     write_rejects(run.spark, run.table, flagged, run.run_id, run.plan.rejected)
-    try:
+    run.writing = True
+    with released(planned):
         if mode == "incremental":
             embed_in_waves(run, planned)
             run.version = run.table.version(run.spark)
@@ -252,8 +277,6 @@ def _run(run: Run, flagged: DataFrame) -> RunSummary:
             run.version, totals = write_in_one_commit(
                 run, planned.where(F.col("status") == "new"), properties)
             run.written.add(totals)
-    finally:
-        planned.unpersist()
     return summarize(run)
 
 
@@ -265,13 +288,10 @@ def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
     mode = run.settings.output.mode
     chunks = observed_chunks(run, docs)
     if mode == "overwrite" and relabels(run.spark, run.table, properties):
-        chunks = _materialized(chunks)
-        try:
-            totals = _observed_totals(chunks)
-            version = replace_vectors(run.spark, run.table, chunks.select(*VECTOR_COLUMNS),
-                                      properties)
-        finally:
-            chunks.unpersist()
+        with released(_materialized(chunks)) as materialized:
+            totals = _observed_totals(materialized)
+            version = replace_vectors(run.spark, run.table,
+                                      materialized.select(*VECTOR_COLUMNS), properties)
         return version, totals
     observation = Observation("chunks")
     chunks = chunks.observe(observation, *_total_columns()).select(*VECTOR_COLUMNS)
@@ -283,10 +303,11 @@ def table_properties(run: Run) -> dict[str, str]:
     """What the table says about its rows: the model's properties, the stored format and the
     chunking (rows chunked another way would not match a clean run)."""
     chunking = run.settings.chunking
+    label = "truncate" if chunking.mode == "truncate" else (
+        f"window:{chunking.chunk_tokens or 'auto'}:{chunking.chunk_overlap}")
     return {**run.spec.table_properties(),
             "pipeline.vector_format": run.settings.output.vector_format,
-            "pipeline.chunking": f"{chunking.mode}:{chunking.chunk_tokens or 'auto'}"
-                                 f":{chunking.chunk_overlap}"}
+            "pipeline.chunking": label}
 
 
 def flag_rows(source: DataFrame, settings: InputSettings, run_id: str) -> DataFrame:
@@ -297,38 +318,38 @@ def flag_rows(source: DataFrame, settings: InputSettings, run_id: str) -> DataFr
     a Delta scan's plan is equal at every table version, so without it a concurrent or later run
     in the same session could read this run's cached plan of an older table version."""
     docs = documents(source, settings)
-    valid = F.col("reject_reason").isNull()
-    if settings.duplicates == "fail":
-        valid_rows = F.sum(F.when(valid, 1).otherwise(0)).over(Window.partitionBy("doc_id"))
-        duplicate = valid & (valid_rows > 1)
-        reason = F.lit(DUPLICATE_FAILS)
-    else:
+    if settings.duplicates == "keep_last":
+        valid = F.col("reject_reason").isNull()
         latest = Window.partitionBy("doc_id").orderBy(
             F.when(valid, 0).otherwise(1), F.col("order_key").desc_nulls_last(),
             F.col("content_hash").desc())  # ties on the order column: still one answer
-        duplicate = valid & (F.row_number().over(latest) > 1)
-        reason = F.lit(f"duplicate id, superseded by a later {settings.order_col}")
-    flagged = docs.withColumn("reject_reason",
-                              F.when(duplicate, reason).otherwise(F.col("reject_reason")))
-    return (flagged.drop("order_key").withColumn("run_id", F.lit(run_id))
+        docs = docs.withColumn("reject_reason", F.when(
+            valid & (F.row_number().over(latest) > 1),
+            F.lit(f"duplicate id, superseded by a later {settings.order_col}"),
+        ).otherwise(F.col("reject_reason")))
+    return (docs.drop("order_key").withColumn("run_id", F.lit(run_id))
             .persist(StorageLevel.DISK_ONLY))
 
 
-def _fail_on_duplicate_ids(run: Run, flagged: DataFrame) -> None:
-    """With input.duplicates=fail, a duplicated id stops the run before anything is embedded;
-    the rows are quarantined first, so the rejects table shows every one of them."""
-    duplicates = (flagged.where(F.col("reject_reason") == DUPLICATE_FAILS)
-                  .groupBy("doc_id").count()
-                  .orderBy(F.col("count").desc(), "doc_id").limit(5).collect())
+def _fail_on_duplicate_ids(run: Run, flagged: DataFrame, quarantine: bool) -> None:
+    """With input.duplicates=fail, a duplicated id stops the run before anything is embedded.
+    Its rows are quarantined first (not in a dry run), so the rejects table shows them all."""
+    valid = flagged.where(F.col("reject_reason").isNull())
+    counts = valid.groupBy("doc_id").count().where(F.col("count") > 1)
+    duplicates = counts.orderBy(F.col("count").desc(), "doc_id").limit(5).collect()
     if not duplicates:
         return
-    rejected = flagged.where(F.col("reject_reason").isNotNull()).count()
-    write_rejects(run.spark, run.table, flagged, run.run_id, rejected)
+    if quarantine:
+        held = (valid.join(counts.select("doc_id"), "doc_id", "left_semi")
+                .withColumn("reject_reason", F.lit(DUPLICATE_FAILS)))
+        others = flagged.where(F.col("reject_reason").isNotNull())
+        rejects = others.unionByName(held)
+        write_rejects(run.spark, run.table, rejects, run.run_id, rejects.count())
     listed = ", ".join(f"{row['doc_id']!r} x{row['count']}" for row in duplicates)
     raise InputError(
         f"duplicate document ids in the source: {listed}; deduplicate the source, or set "
-        "input.duplicates=keep_last with input.order_col to keep the latest row per id "
-        f"(the rows are in {run.table.sibling('_rejects').location})"
+        "input.duplicates=keep_last with input.order_col to keep the latest row per id"
+        + (f" (the rows are in {run.table.sibling('_rejects').location})" if quarantine else "")
     )
 
 
@@ -376,16 +397,13 @@ def embed_in_waves(run: Run, planned: DataFrame) -> None:
         in_wave = F.pmod(F.xxhash64("doc_id"), F.lit(plan.waves)) == wave
         docs = planned.where(F.col("status").isin(*TO_EMBED) & in_wave)
         embedding_started = run.elapsed
-        chunks = _materialized(observed_chunks(run, docs))
-        try:
+        with released(_materialized(observed_chunks(run, docs))) as chunks:
             wave_totals = _observed_totals(chunks)
             merge_started = run.elapsed
             with_commit_retries(
                 lambda c=chunks, d=docs: merge_documents(run.spark, run.table, c,
                                                          d.select("doc_id")),
                 f"wave {wave + 1}/{plan.waves}", retries)
-        finally:
-            chunks.unpersist()
         run.written.add(wave_totals)
         log.info("run %s: wave %d/%d committed: %d documents, %d chunks (embedded in %.1fs, "
                  "merged in %.1fs)", run.run_id, wave + 1, plan.waves, wave_totals.documents,

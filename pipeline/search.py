@@ -27,7 +27,7 @@ from pipeline.model.spec import ModelSpec, resolve_model_spec
 from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
 from pipeline.spark.udf import WorkerSpec, embedding_udf
-from pipeline.store.delta import TableRef, check_same_model
+from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
 from pipeline.vectors import batch_matrix, unit_rows, vectors_to_arrow
 
 STORED_COLUMNS = {"float32": ("embedding",), "float16": ("embedding_packed",),
@@ -244,7 +244,8 @@ def query_model(spark: SparkSession, settings: Settings, location: str,
     if instruction is not None:
         model = dataclasses.replace(model, query_instruction=instruction)
     spec = resolve_model_spec(model)
-    check_same_model(TableRef.parse(location), properties, spec.table_properties())
+    check_same_model(TableRef.parse(location), properties, spec.table_properties(),
+                     VECTOR_PROPERTIES)
     return spec
 
 

@@ -246,8 +246,10 @@ def test_production_profile_needs_input_and_output_only_where_the_job_embeds_a_c
 def test_set_reaches_one_entry_of_a_map_setting_whose_keys_have_dots() -> None:
     settings = load_settings("qwen3-embedding-4b", overrides=[
         "spark.conf.spark.executor.resource.gpu.discoveryScript=/opt/spark/getGpus.sh",
-        "input.csv_options.sep=;"], require_io=False)
+        "input.csv_options.sep=|", "input.csv_options.quote=",
+        "spark.conf.spark.ui.port=0400"], require_io=False)
     conf = settings.spark.conf
     assert conf["spark.executor.resource.gpu.discoveryScript"] == "/opt/spark/getGpus.sh"
     assert conf["spark.task.resource.gpu.amount"] == "1", "the profile's other entries stay"
-    assert settings.input.csv_options["sep"] == ";"
+    assert settings.input.csv_options == {"sep": "|", "quote": ""}, "as given, not YAML"
+    assert conf["spark.ui.port"] == "0400"

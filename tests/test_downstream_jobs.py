@@ -78,6 +78,16 @@ def test_search_takes_the_tables_own_model_and_refuses_another(spark, docs, qwen
     assert "holds vectors" in capsys.readouterr().err
 
 
+def test_search_with_the_same_model_at_another_max_length_is_allowed(spark, docs, minilm_path,
+                                                                     tmp_path, capsys):
+    table = tmp_path / "short_vectors"
+    embed(spark, write_jsonl(tmp_path / "docs.jsonl", docs[:4]), table, "model.max_length=128",
+          "spark.partitions=1")
+    assert search.main(["--vectors", str(table), "--query", "glaciers", "--k", "1",
+                        "--model", str(minilm_path)]) == 0, capsys.readouterr().err
+    assert last_json(capsys)["rows"] == 1
+
+
 def test_instruction_changes_the_query_vector_only(spark, qwen3_path):
     plain = resolve_model_spec(ModelSettings(name=str(qwen3_path)))
     instructed = resolve_model_spec(ModelSettings(name=str(qwen3_path),

@@ -141,12 +141,17 @@ def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_
     with pytest.raises(ModelMismatchError, match=r"pipeline.chunking=window:48:8 \(this run"):
         embed(spark, folder / "v1.jsonl", target, "chunking.chunk_tokens=64",
               "chunking.chunk_overlap=8")
+    spark.sql(f"ALTER TABLE delta.`{target}` SET TBLPROPERTIES ('team' = 'search', "
+              "'delta.enableChangeDataFeed' = 'true')")
     before = DeltaTable(str(target)).version()
     replaced = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, "model.output_dim=64",
                      mode="overwrite")
     table = DeltaTable(str(target))
     assert table.version() == before + 1, "rows and their model labels land in one commit"
-    assert table.metadata().configuration["pipeline.dimension"] == "64"
+    configuration = table.metadata().configuration
+    assert configuration["pipeline.dimension"] == "64"
+    assert configuration["team"] == "search", "the user's properties stay"
+    assert configuration["delta.enableChangeDataFeed"] == "true"
     rows = table_frame(target)
     assert set(rows.model_fingerprint) == {replaced.model_fingerprint}
     assert len(rows.embedding.iloc[0]) == 64
@@ -181,6 +186,9 @@ def test_every_kind_of_bad_row_is_quarantined_with_its_reason(spark, tmp_path):
     ]
     source = tmp_path / "bad.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"_id": "torn", "te\n')
+    with pytest.raises(InputError, match=r"duplicate document ids.*'dup' x2"):
+        embed(spark, source, tmp_path / "vectors", dry_run=True)
+    assert not list(tmp_path.glob("vectors*")), "a dry run writes nothing, rejects included"
     with pytest.raises(InputError, match=r"duplicate document ids.*'dup' x2"):
         embed(spark, source, tmp_path / "vectors")
     held = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ModelSettings
-from pipeline.model.spec import ModelSpecError, resolve_model_spec, worker_model_folder
+from pipeline.model.spec import (
+    ModelSpecError,
+    files_digest,
+    resolve_model_spec,
+    worker_model_folder,
+)
 
 
 def test_sentence_transformers_folder_declares_mean_pooling_normalize_and_max_length(minilm_path):
@@ -126,3 +131,10 @@ def test_executor_without_a_local_model_folder_is_told_to_share_it(minilm_path, 
     shutil.rmtree(folder)
     with pytest.raises(ModelSpecError, match=r"not on this executor.*storage every executor"):
         worker_model_folder(spec)
+
+
+def test_executor_check_ignores_pickled_weights_a_hub_download_leaves_out(minilm_path, tmp_path):
+    with_pickle = tmp_path / "with_pickle"
+    shutil.copytree(minilm_path, with_pickle)
+    (with_pickle / "pytorch_model.bin").write_bytes(b"pickled weights the loader never reads")
+    assert files_digest(with_pickle) == files_digest(minilm_path)

@@ -180,19 +180,26 @@ def fingerprint(folder: Path, identity: dict[str, Any]) -> str:
 
 
 def files_digest(folder: Path) -> str:
-    """The file part of the fingerprint alone: the same model files on another machine."""
+    """The files a worker loads, to check another machine has the same model: config,
+    tokenizer, and the safetensors weights (pickled ones only when there are none; a hub
+    download fetches no pickles)."""
     digest = hashlib.sha256()
-    _digest_files(digest, folder)
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if any(p.suffix == ".safetensors" for p in weights):
+        weights = [p for p in weights if p.suffix == ".safetensors"]
+    _digest_files(digest, folder, weights)
     return digest.hexdigest()[:24]
 
 
-def _digest_files(digest: Any, folder: Path) -> None:
+def _digest_files(digest: Any, folder: Path, weights: list[Path] | None = None) -> None:
     for name in ("config.json", *TOKENIZER_FILES):
         path = folder / name
         if path.exists():
             digest.update(name.encode())
             digest.update(path.read_bytes())
-    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+    if weights is None:
+        weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    for path in weights:
         digest.update(path.name.encode())
         digest.update(_sampled_file_digest(path))
 

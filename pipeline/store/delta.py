@@ -142,16 +142,32 @@ GUARDED_PROPERTIES = ("pipeline.model_fingerprint", "pipeline.dimension",
                       "pipeline.vector_format", "pipeline.max_length", "pipeline.chunking")
 
 
-def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, str]) -> None:
+# An overwrite with another model carries over the user's own table properties and these Delta
+# settings, which are plain preferences. Other `delta.*` entries (protocol, features, column
+# mapping, row tracking) are Delta's bookkeeping for the old table and are not copied.
+DELTA_PREFERENCES = (
+    "delta.enableChangeDataFeed", "delta.logRetentionDuration",
+    "delta.deletedFileRetentionDuration", "delta.checkpointInterval", "delta.autoOptimize.",
+    "delta.dataSkippingNumIndexedCols", "delta.dataSkippingStatsColumns",
+    "delta.enableDeletionVectors", "delta.targetFileSize", "delta.tuneFileSizesForRewrites",
+)
+
+# What a query must share with the table's vectors to be compared with them.
+VECTOR_PROPERTIES = ("pipeline.model_fingerprint", "pipeline.dimension", "pipeline.vector_format")
+
+
+def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, str],
+                     keys: tuple[str, ...] = GUARDED_PROPERTIES) -> None:
     """Refuse to add rows made another way (model, dimension, format, max length, chunking) to
-    a table, or to a table this pipeline did not make; the error lists every difference."""
+    a table, or to a table this pipeline did not make; the error lists every difference.
+    Readers pass VECTOR_PROPERTIES: a query may be cut at another max length."""
     if "pipeline.model_fingerprint" not in stored:
         raise ModelMismatchError(
             f"{table.location} exists but records no pipeline.model_fingerprint, so this "
             "pipeline did not make it; write to a new table, or replace this one with "
             "--mode overwrite"
         )
-    differences = [f"{key}={stored[key]} (this run: {wanted[key]})" for key in GUARDED_PROPERTIES
+    differences = [f"{key}={stored[key]} (this run: {wanted[key]})" for key in keys
                    if key in stored and key in wanted and stored[key] != wanted[key]]
     if differences:
         raise ModelMismatchError(
@@ -202,6 +218,16 @@ def write_vectors(spark: SparkSession, table: TableRef, df: DataFrame, mode: str
     return table.version(spark)
 
 
+def label_missing_properties(spark: SparkSession, table: TableRef,
+                             properties: dict[str, str]) -> None:
+    """Add the properties a table made by an older version of the pipeline lacks (the guard
+    passed, so the rows were made this way), so that later runs are guarded on them too."""
+    stored = table.properties(spark)
+    missing = {key: value for key, value in properties.items() if key not in stored}
+    if missing:
+        table.set_properties(spark, missing)
+
+
 def relabels(spark: SparkSession, table: TableRef, properties: dict[str, str]) -> bool:
     """Whether writing under these properties changes what the existing table says."""
     stored = table.properties(spark)
@@ -214,8 +240,8 @@ def replace_vectors(spark: SparkSession, table: TableRef, df: DataFrame,
     model or format: no reader ever sees new vectors under the old labels. Properties the
     user set are kept. Returns the version."""
     kept = {key: value for key, value in table.properties(spark).items()
-            if not key.startswith(("delta.feature.", "delta.minReaderVersion",
-                                   "delta.minWriterVersion"))}
+            if key.startswith(DELTA_PREFERENCES)
+            or not key.startswith(("delta.", "option.", "pipeline."))}
     table.replace(df, {**kept, **properties})
     return table.version(spark)
 
