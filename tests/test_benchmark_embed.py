@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import time
 
 import pytest
 
+from jobs import benchmark_embed as job
 from tests.conftest import REPO, SAMPLE_CORPUS
 
 SCRIPT = REPO / "jobs" / "benchmark_embed.py"
@@ -19,16 +19,7 @@ FIELDS = ("texts", "tokens", "padded_tokens", "padding_efficiency", "seconds", "
           "texts_per_s", "peak_rss_mb", "startup_s", "vs_st", "cpu_s", "other_cores")
 
 
-def load_job():
-    spec = importlib.util.spec_from_file_location("benchmark_embed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_padding_follows_each_batching():
-    job = load_job()
     lengths = [10, 2, 8, 4]
     assert job.padded_tokens(lengths, [[0, 1], [2, 3]]) == 2 * 10 + 2 * 8
     texts = ["a" * 10, "b", "c" * 5, "d" * 7]
@@ -36,20 +27,17 @@ def test_padding_follows_each_batching():
 
 
 def test_predict_batch_udf_padding_comes_from_the_logged_batches():
-    job = load_job()
     texts, lengths = ["a", "bb", "ccc"], [3, 5, 9]
     batches = [[job.text_digest("ccc"), job.text_digest("a")], [job.text_digest("bb")]]
     assert job.logged_batch_tokens(batches, texts, lengths) == (17, 2 * 9 + 5)
 
 
 def test_short_set_is_the_first_sentence():
-    job = load_job()
     assert job.first_sentence("Paris is a city. It is large.") == "Paris is a city."
     assert job.first_sentence("no full stop") == "no full stop"
 
 
 def test_tree_rss_counts_child_processes():
-    job = load_job()
     child = subprocess.Popen([sys.executable, "-c", "import time; x = b\"x\" * (200 << 20); "
                               "time.sleep(30)"])
     try:

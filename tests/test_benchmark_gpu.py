@@ -2,39 +2,28 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from jobs import benchmark_gpu as job
 from tests.conftest import REPO, SAMPLE_CORPUS
 
-SCRIPT = REPO / "jobs" / "benchmark_gpu.py"
 QWEN3_TOKENIZER = REPO.parent / "shared" / "qwen3-tokenizer"
 
 
 @pytest.fixture(scope="module")
-def job():
-    spec = importlib.util.spec_from_file_location("benchmark_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny(job):
+def tiny():
     """The scaled-down model in float32 (2 layers, hidden 128, 4:1 grouped-query heads)."""
     torch.manual_seed(0)
     config = job.qwen3_config(scaled_down=True, initializer_range=0.2)
     return job.build_model(config, torch.device("cpu"), torch.float32)
 
 
-def test_flops_match_a_hand_count(job):
+def test_flops_match_a_hand_count():
     config = job.qwen3_config(vocab_size=100, hidden_size=8, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=4,
                               intermediate_size=12)
@@ -52,7 +41,7 @@ def test_flops_match_a_hand_count(job):
     assert counted == job.non_embedding_params(config)
 
 
-def test_the_full_architecture_is_qwen3_embedding_4b(job):
+def test_the_full_architecture_is_qwen3_embedding_4b():
     from transformers import Qwen3Model
 
     config = job.qwen3_config()
@@ -66,7 +55,7 @@ def test_the_full_architecture_is_qwen3_embedding_4b(job):
     assert per_token == pytest.approx(2 * 3_633_511_936 + 4 * 36 * 4096 * 512)
 
 
-def test_peak_is_detected_from_the_device_name(job):
+def test_peak_is_detected_from_the_device_name():
     assert job.detect_peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert job.detect_peak_tflops("NVIDIA H200") == 989
     assert job.detect_peak_tflops("NVIDIA H100 PCIe") == 756
@@ -77,7 +66,7 @@ def test_peak_is_detected_from_the_device_name(job):
     assert job.detect_peak_tflops("x86_64") is None
 
 
-def test_batches_padded_by_plan_batches_and_packed_by_real_tokens(job):
+def test_batches_padded_by_plan_batches_and_packed_by_real_tokens():
     config = job.qwen3_config(scaled_down=True)
     assert job.pack_batches([5, 3, 4, 10, 2], 8) == [[0, 1], [2], [3], [4]]
     rows = job.token_rows([5, 3, 4, 10, 2], config.vocab_size, seed=0)
@@ -116,7 +105,7 @@ def fake_varlen_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
 
 
 @pytest.mark.parametrize("packed_mode", ["sdpa+packed", "varlen+packed", "varlen-kernel"])
-def test_packed_vectors_match_padded_ones(job, tiny, packed_mode, monkeypatch):
+def test_packed_vectors_match_padded_ones(tiny, packed_mode, monkeypatch):
     """Same pooled last-token vectors, padded or packed (float32): sdpa with transformers'
     block-diagonal mask, the varlen function's reference loop, and its kernel call."""
     if packed_mode == "varlen-kernel":
@@ -131,7 +120,7 @@ def test_packed_vectors_match_padded_ones(job, tiny, packed_mode, monkeypatch):
     torch.testing.assert_close(packed, padded, atol=2e-4, rtol=2e-4)
 
 
-def test_varlen_options_follow_the_installed_signature(job):
+def test_varlen_options_follow_the_installed_signature():
     def newer(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None,
               window_size=(-1, -1), enable_gqa=False):
         pass
@@ -144,7 +133,7 @@ def test_varlen_options_follow_the_installed_signature(job):
     assert job.varlen_options(torch_2_10, 0.1) == {"is_causal": True}
 
 
-def test_modes_parse_and_say_why_they_cannot_run(job):
+def test_modes_parse_and_say_why_they_cannot_run():
     cpu = torch.device("cpu")
     assert job.Mode.parse("flash_attention_2+packed").name == "flash_attention_2+packed"
     with pytest.raises(Exception, match="varlen"):
@@ -155,7 +144,7 @@ def test_modes_parse_and_say_why_they_cannot_run(job):
                                                            "varlen+packed"]
 
 
-def test_lengths_fall_back_to_lognormal_without_the_corpus(job, tmp_path):
+def test_lengths_fall_back_to_lognormal_without_the_corpus(tmp_path):
     args = job.parse_args(["--corpus", str(tmp_path / "missing.jsonl"), "--docs", "500",
                            "--lengths", "real,fixed", "--max-length", "256"])
     sets = {s.name: s for s in job.length_sets(args)}
@@ -165,7 +154,7 @@ def test_lengths_fall_back_to_lognormal_without_the_corpus(job, tmp_path):
     assert 80 < lognormal["p50"] < 130 and lognormal["max"] <= 256
 
 
-def test_saved_lengths_stand_in_for_the_corpus(job, tmp_path):
+def test_saved_lengths_stand_in_for_the_corpus(tmp_path):
     saved = tmp_path / "lengths.json"
     assert job.main(["--save-lengths", str(saved), "--corpus", str(SAMPLE_CORPUS),
                      "--tokenizer", str(tmp_path / "none")]) == 0
@@ -179,14 +168,14 @@ def test_saved_lengths_stand_in_for_the_corpus(job, tmp_path):
 
 
 @pytest.mark.skipif(not QWEN3_TOKENIZER.is_dir(), reason="needs ../shared/qwen3-tokenizer")
-def test_real_lengths_use_the_qwen3_tokenizer(job, tmp_path):
+def test_real_lengths_use_the_qwen3_tokenizer(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "Hello world"}\n{"text": "  "}\n{"text": "test again"}\n')
     lengths, source = job.corpus_lengths(corpus, QWEN3_TOKENIZER)
     assert lengths == [3, 3] and "tokenizer" in source  # ... plus <|endoftext|>
 
 
-def test_report_has_a_row_per_length_set_mode_and_budget(job, tmp_path):
+def test_report_has_a_row_per_length_set_mode_and_budget(tmp_path):
     out = tmp_path / "bench.json"
     modes = ["sdpa", "sdpa+packed", "varlen+packed", "flash_attention_2+packed"]
     budgets = [256, 1024]
@@ -214,7 +203,7 @@ def test_report_has_a_row_per_length_set_mode_and_budget(job, tmp_path):
             assert row["padding_efficiency"] == 1
 
 
-def test_the_time_limit_cuts_each_configuration_to_a_sample(job, tmp_path):
+def test_the_time_limit_cuts_each_configuration_to_a_sample(tmp_path):
     out = tmp_path / "bench.json"
     assert job.main(["--scaled-down", "--device", "cpu", "--docs", "12", "--max-length", "32",
                      "--lengths", "fixed", "--budgets", "64", "--modes", "sdpa,varlen+packed",
