@@ -254,21 +254,41 @@ def test_a_run_failing_at_its_checks_is_recorded_as_failed(spark, base_run, tmp_
     assert (runs.chunks_written == 0).all() and runs.table_version.isna().all()
 
 
+def job_command(source: Path, wave_docs: int) -> list[str]:
+    """The embedding job as a user starts it, in small waves of small chunks."""
+    return [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),
+            "--set", f"output.wave_docs={wave_docs}", "--set", "chunking.chunk_tokens=96"]
+
+
+def start_job(command: list[str], output: Path, log: Path, **popen) -> subprocess.Popen:
+    with log.open("w") as handle:
+        return subprocess.Popen([*command, "--output", str(output)], stdout=handle,
+                                stderr=handle, **popen)
+
+
+def wait_for_first_wave(job: subprocess.Popen, output: Path, log: Path) -> None:
+    first_wave = output / "_delta_log" / "00000000000000000001.json"
+    deadline = time.time() + 600
+    while not first_wave.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first_wave.exists(), log.read_text()[-3000:]
+
+
+def run_job(command: list[str], output: Path) -> dict:
+    """Run the job to the end; its summary."""
+    done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_a_terminated_run_is_recorded_as_failed_with_what_it_committed(tmp_path, sample_docs):
     source = write_jsonl(tmp_path / "docs.jsonl", sample_docs[:80])
     target = tmp_path / "vectors"
     log = tmp_path / "job.log"
-    with log.open("w") as handle:
-        job = subprocess.Popen(
-            [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),
-             "--output", str(target), "--set", "output.wave_docs=20",
-             "--set", "chunking.chunk_tokens=96"], stdout=handle, stderr=handle)
-    first_wave = target / "_delta_log" / "00000000000000000001.json"
-    deadline = time.time() + 600
-    while not first_wave.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert first_wave.exists(), log.read_text()[-3000:]
+    job = start_job(job_command(source, wave_docs=20), target, log)
+    wait_for_first_wave(job, target, log)
     job.terminate()  # SIGTERM to the driver only, as a scheduler's timeout sends it
     assert job.wait(timeout=300) != 0
     runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
@@ -283,28 +303,18 @@ def test_a_terminated_run_is_recorded_as_failed_with_what_it_committed(tmp_path,
 @pytest.mark.slow
 def test_two_jobs_in_separate_processes_leave_one_valid_table(tmp_path, sample_docs):
     """As two schedulers would: two spark-submits, two JVMs, one table."""
-    source = write_jsonl(tmp_path / "docs.jsonl", sample_docs[:40])
-    args = [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),
-            "--set", "output.wave_docs=10", "--set", "chunking.chunk_tokens=96"]
+    command = job_command(write_jsonl(tmp_path / "docs.jsonl", sample_docs[:40]), wave_docs=10)
     target = tmp_path / "shared"
     logs = [tmp_path / f"job{i}.log" for i in range(2)]
-    jobs = []
-    for log in logs:
-        with log.open("w") as handle:
-            jobs.append(subprocess.Popen([*args, "--output", str(target)], stdout=handle,
-                                         stderr=handle))
+    jobs = [start_job(command, target, log) for log in logs]
     codes = [job.wait(timeout=900) for job in jobs]
     for code, log in zip(codes, logs, strict=True):
         assert code == 0 or (code == 2 and "another writer" in log.read_text()), \
             log.read_text()[-3000:]
-    rerun = subprocess.run([*args, "--output", str(target)], capture_output=True, text=True,
-                           timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = run_job(command, target)
     if all(code == 0 for code in codes):
-        assert json.loads(rerun.stdout.strip().splitlines()[-1])["documents_embedded"] == 0
-    clean = subprocess.run([*args, "--output", str(tmp_path / "clean")], capture_output=True,
-                           text=True, timeout=900)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+        assert rerun["documents_embedded"] == 0
+    run_job(command, tmp_path / "clean")
     assert_same_table(table_frame(target), table_frame(tmp_path / "clean"))
     runs = DeltaTable(str(tmp_path / "shared_runs")).to_pandas()
     assert len(runs) == 3 and (runs.status == "succeeded").sum() >= 2
@@ -312,32 +322,19 @@ def test_two_jobs_in_separate_processes_leave_one_valid_table(tmp_path, sample_d
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_table_as_a_clean_run(tmp_path, sample_docs):
-    source = write_jsonl(tmp_path / "docs.jsonl", sample_docs[:80])
-    args = [sys.executable, str(REPO / "jobs" / "embed_corpus.py"), "--input", str(source),
-            "--set", "output.wave_docs=25", "--set", "chunking.chunk_tokens=96"]
+    command = job_command(write_jsonl(tmp_path / "docs.jsonl", sample_docs[:80]), wave_docs=25)
     killed = tmp_path / "killed"
     log = tmp_path / "killed.log"
-    with log.open("w") as handle:
-        job = subprocess.Popen([*args, "--output", str(killed)], stdout=handle, stderr=handle,
-                               start_new_session=True)
-    first_wave = killed / "_delta_log" / "00000000000000000001.json"
-    deadline = time.time() + 600
-    while not first_wave.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert first_wave.exists(), log.read_text()[-3000:]
+    job = start_job(command, killed, log, start_new_session=True)
+    wait_for_first_wave(job, killed, log)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     partial = table_frame(killed)
     assert 0 < partial.doc_id.nunique() < 80, "killed between waves"
 
-    resumed = subprocess.run([*args, "--output", str(killed)], capture_output=True, text=True,
-                             timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    summary = run_job(command, killed)
     assert summary["documents_unchanged"] == partial.doc_id.nunique()
     assert summary["documents_new"] == 80 - partial.doc_id.nunique()
 
-    clean = subprocess.run([*args, "--output", str(tmp_path / "clean")], capture_output=True,
-                           text=True, timeout=900)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    run_job(command, tmp_path / "clean")
     assert_same_table(table_frame(killed), table_frame(tmp_path / "clean"))
