@@ -287,15 +287,18 @@ def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
     metrics never arrive, so its vectors are materialised first and counted there."""
     mode = run.settings.output.mode
     chunks = observed_chunks(run, docs)
-    if mode == "overwrite" and relabels(run.spark, run.table, properties):
+    stored = run.table.properties(run.spark)
+    relabel = relabels(stored, properties)
+    if mode == "overwrite" and relabel:
         with released(_materialized(chunks)) as materialized:
             totals = _observed_totals(materialized)
             version = replace_vectors(run.spark, run.table,
-                                      materialized.select(*VECTOR_COLUMNS), properties)
+                                      materialized.select(*VECTOR_COLUMNS), properties, stored)
         return version, totals
     observation = Observation("chunks")
     chunks = chunks.observe(observation, *_total_columns()).select(*VECTOR_COLUMNS)
-    version = write_vectors(run.spark, run.table, chunks, mode, properties)
+    version = write_vectors(run.spark, run.table, chunks, mode,
+                            properties if relabel else None)
     return version, _totals(observation.get)
 
 

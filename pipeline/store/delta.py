@@ -208,13 +208,12 @@ def _create_unless_racing(spark: SparkSession, table: TableRef, schema_df: DataF
 
 
 def write_vectors(spark: SparkSession, table: TableRef, df: DataFrame, mode: str,
-                  properties: dict[str, str]) -> int:
-    """Overwrite or append chunk rows in one commit; the table records the model in its
-    properties. Returns the version."""
-    prepare_table(spark, table, df, mode, properties)
+                  relabel_to: dict[str, str] | None = None) -> int:
+    """Overwrite or append chunk rows in one commit into a table prepare_table made or
+    checked; then set `relabel_to`, properties the guard let change. Returns the version."""
     table.write(df, mode)
-    if relabels(spark, table, properties):
-        table.set_properties(spark, properties)
+    if relabel_to:
+        table.set_properties(spark, relabel_to)
     return table.version(spark)
 
 
@@ -228,18 +227,17 @@ def label_missing_properties(spark: SparkSession, table: TableRef,
         table.set_properties(spark, missing)
 
 
-def relabels(spark: SparkSession, table: TableRef, properties: dict[str, str]) -> bool:
-    """Whether writing under these properties changes what the existing table says."""
-    stored = table.properties(spark)
+def relabels(stored: dict[str, str], properties: dict[str, str]) -> bool:
+    """Whether writing under these properties changes what the table says."""
     return any(stored.get(key) != value for key, value in properties.items())
 
 
 def replace_vectors(spark: SparkSession, table: TableRef, df: DataFrame,
-                    properties: dict[str, str]) -> int:
+                    properties: dict[str, str], stored: dict[str, str]) -> int:
     """Replace the rows and the model properties in one commit, for an overwrite with another
     model or format: no reader ever sees new vectors under the old labels. Properties the
     user set are kept. Returns the version."""
-    kept = {key: value for key, value in table.properties(spark).items()
+    kept = {key: value for key, value in stored.items()
             if key.startswith(DELTA_PREFERENCES)
             or not key.startswith(("delta.", "option.", "pipeline."))}
     table.replace(df, {**kept, **properties})
