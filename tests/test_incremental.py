@@ -163,6 +163,25 @@ def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_
         "overwrite"
 
 
+def test_overwrite_and_append_with_the_same_model_write_one_commit_each(spark, base_run,
+                                                                       tmp_path):
+    folder, _ = base_run
+    target = tmp_path / "vectors"
+    first = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS)
+    replaced = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS, mode="overwrite")
+    table = DeltaTable(str(target))
+    assert replaced.table_version == table.version() == first.table_version + 1
+    rows = table_frame(target)
+    assert set(rows.run_id) == {replaced.run_id} and len(rows) == replaced.chunks_written
+    appended = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS,
+                     "model.query_instruction=Find paragraphs", mode="append")
+    assert len(table_frame(target)) == 2 * replaced.chunks_written, "append: unsafe for reruns"
+    table = DeltaTable(str(target))
+    assert table.metadata().configuration["pipeline.query_instruction"].endswith(
+        "Find paragraphs\nQuery:"), "a property the guard lets change is updated"
+    assert table.version() == appended.table_version
+
+
 def test_a_table_this_pipeline_did_not_make_is_refused(spark, base_run, tmp_path):
     folder, _ = base_run
     spark.range(3).write.format("delta").save(str(tmp_path / "theirs"))
