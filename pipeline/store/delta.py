@@ -76,6 +76,12 @@ class TableRef:
             return DeltaTable.forPath(spark, self.location)
         return DeltaTable.forName(spark, self.location)
 
+    def read(self, spark: SparkSession) -> DataFrame:
+        """The table's rows through the DataFrame reader (works over Spark Connect too)."""
+        if self.is_path:
+            return spark.read.format("delta").load(self.location)
+        return spark.read.table(self.location)
+
     def version(self, spark: SparkSession) -> int:
         return int(self.delta(spark).history(1).collect()[0]["version"])
 
