@@ -19,6 +19,7 @@ from pipeline.vectors import VECTOR_FORMATS
 # in a checkout pipeline/conf is a link to the top-level conf/, in a built wheel a folder of copies.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULT_PROFILE = "local"
+PACKAGE_PREFIX = "package:"  # model.name of an installed package with get_model_path()
 
 INPUT_FORMATS = ("auto", "delta", "parquet", "jsonl", "csv", "table")
 WRITE_MODES = ("incremental", "overwrite", "append")
@@ -174,15 +175,53 @@ def load_settings(
     raw = yaml.safe_load(profile_path(profile).read_text()) or {}
     if not isinstance(raw, dict):
         raise SettingsError(f"profile {profile} must be a mapping of sections")
-    for item in overrides or []:
-        key, value = parse_override(item)
+    profile_model = _section(raw, "model").get("name")
+    given = [parse_override(item) for item in overrides or []]
+    given += [(key, value) for key, value in (flags or {}).items() if value is not None]
+    for key, value in given:
         set_dotted(raw, key, value)
-    for key, value in (flags or {}).items():
-        if value is not None:
-            set_dotted(raw, key, value)
+    apply_profile_defaults(raw, profile_model, {key for key, _ in given})
     settings = build_dataclass(Settings, raw, "")
     validate(settings, require_io)
     return settings
+
+
+def apply_profile_defaults(raw: dict[str, Any], profile_model: Any, given: set[str]) -> None:
+    """The profile values that are defaults only, given the keys the user set (`--set`, flags):
+    the profile's `model.id` names the profile's own model: another `model.name` without a
+    `model.id` of its own is called by its package, hub id or folder (default_model_id)."""
+    def user_set(key: str) -> bool:  # the key itself, or a whole section around it
+        return any(key == name or key.startswith(name + ".") for name in given)
+
+    model = _section(raw, "model")
+    if model.get("name") != profile_model and not user_set("model.id"):
+        model["id"] = default_model_id(str(model["name"])) if model.get("name") else None
+
+
+def default_model_id(name: str) -> str:
+    """What a model that no `model.id` names is called: its package, its hub id, or its folder's
+    name (`org/name` for a snapshot in the hub cache). Not the `_name_or_path` in config.json:
+    a fine-tuned model's names the model it was tuned from (all-MiniLM-L6-v2's says
+    nreimers/MiniLM-L6-H384-uncased)."""
+    if name.startswith(PACKAGE_PREFIX):
+        return name[len(PACKAGE_PREFIX):]
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        return name
+    folder = folder.resolve()
+    cache_entry = folder.parent.parent.name.split("--", 2)
+    if folder.parent.name == "snapshots" and len(cache_entry) == 3 and cache_entry[0] == "models":
+        return f"{cache_entry[1]}/{cache_entry[2]}"
+    return folder.name
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """A section of the raw profile to read or fill in; a malformed one is left for
+    build_dataclass to report."""
+    section = raw.get(name)
+    if section is None:
+        section = raw[name] = {}
+    return section if isinstance(section, dict) else {}
 
 
 def parse_override(item: str) -> tuple[str, Any]:

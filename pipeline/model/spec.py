@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ModelSettings
+from pipeline.config import PACKAGE_PREFIX, ModelSettings, default_model_id
 
-PACKAGE_PREFIX = "package:"
 QWEN3_QUERY_TEMPLATE = "Instruct: {task}\nQuery:"
 DECODER_MODEL_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text"}
 ST_POOLING_KEYS = {
@@ -267,7 +266,7 @@ def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
         "document_prompt": document_prompt,
     }
     return ModelSpec(
-        model_id=settings.id or _model_id(settings.name, folder),
+        model_id=settings.id or default_model_id(settings.name),
         path=str(folder),
         model_type=model_type,
         pooling=pooling,
@@ -319,9 +318,3 @@ def _prompts(folder: Path, query_instruction: str | None) -> tuple[str, str]:
     if query_instruction:
         query = QWEN3_QUERY_TEMPLATE.format(task=query_instruction)
     return query, prompts.get("document", "")
-
-
-def _model_id(name: str, folder: Path) -> str:
-    if name.startswith(PACKAGE_PREFIX):
-        return name[len(PACKAGE_PREFIX) :]
-    return name if not Path(name).expanduser().exists() else folder.name

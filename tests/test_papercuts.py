@@ -1,0 +1,54 @@
+"""Issue 14's papercuts: what a run records, finds, refuses and embeds at the edges. Real Spark,
+real Delta tables and the real packaged all-MiniLM-L6-v2 (or the tiny Qwen3 folder)."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.config import load_settings
+from pipeline.store.delta import TableRef
+from tests.conftest import write_jsonl
+from tests.test_spark_embed import embed
+
+DOCS = [
+    {"_id": "d1", "title": "Salt", "text": "Salt is mostly sodium chloride."},
+    {"_id": "d2", "title": "Ice", "text": "Glaciers are rivers of ice."},
+]
+
+
+# --- 1. provenance: the recorded model id is the loaded model's -------------------------------
+
+
+def test_another_model_is_recorded_under_its_own_id_not_the_profiles(spark, tmp_path,
+                                                                      qwen3_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    summary = embed(spark, source, tmp_path / "vectors", "spark.partitions=1",
+                    model=str(qwen3_path))
+    assert summary.model_id == qwen3_path.name != "sentence-transformers/all-MiniLM-L6-v2"
+    table = TableRef.parse(str(tmp_path / "vectors"))
+    assert table.properties(spark)["pipeline.model_id"] == qwen3_path.name
+    rows = spark.read.format("delta").load(table.location)
+    assert {row.model_id for row in rows.select("model_id").distinct().collect()} == {
+        qwen3_path.name}
+    runs = spark.read.format("delta").load(str(tmp_path / "vectors_runs")).collect()
+    config = json.loads(runs[0].config)
+    assert (config["model"]["name"], config["model"]["id"]) == (str(qwen3_path), qwen3_path.name)
+
+
+def test_the_profiles_model_id_stays_with_the_profiles_model_and_a_given_id_wins(tmp_path):
+    profile_id = "sentence-transformers/all-MiniLM-L6-v2"
+    profile_model = load_settings().model.name
+    assert load_settings().model.id == profile_id
+    assert load_settings(flags={"model.name": profile_model}).model.id == profile_id
+    assert load_settings(overrides=[f"model.name={tmp_path}"]).model.id == tmp_path.name
+    given = load_settings(overrides=[f"model.name={tmp_path}", "model.id=org/mine"])
+    assert given.model.id == "org/mine"
+    assert load_settings(flags={"model.name": "Qwen/Qwen3-Embedding-0.6B"}).model.id == (
+        "Qwen/Qwen3-Embedding-0.6B")
+    assert load_settings(flags={"model.name": "package:my_model"}).model.id == "my_model"
+    snapshot = tmp_path / "models--Qwen--Qwen3-Embedding-4B" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert load_settings(flags={"model.name": str(snapshot)}).model.id == (
+        "Qwen/Qwen3-Embedding-4B")
+    assert load_settings("qwen3-embedding-4b", require_io=False).model.id == (
+        "Qwen/Qwen3-Embedding-4B")
