@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from pipeline.config import load_settings
+from pipeline.embed import worker_spec
+from pipeline.model.spec import resolve_model_spec
+from pipeline.spark.udf import embedding_udf
 from pipeline.store.delta import TableRef
 from tests.conftest import write_jsonl
 from tests.test_spark_embed import embed
@@ -52,3 +57,19 @@ def test_the_profiles_model_id_stays_with_the_profiles_model_and_a_given_id_wins
         "Qwen/Qwen3-Embedding-4B")
     assert load_settings("qwen3-embedding-4b", require_io=False).model.id == (
         "Qwen/Qwen3-Embedding-4B")
+
+
+# --- 5. the column UDF keeps a null text null --------------------------------------------------
+
+
+def test_embedding_udf_gives_a_null_text_a_null_vector(spark, minilm_encoder):
+    settings = load_settings("local")
+    udf = embedding_udf(worker_spec(settings, resolve_model_spec(settings.model)))
+    texts = ["Salt is mostly sodium chloride.", None, "", None, "Glaciers are rivers of ice."]
+    frame = spark.createDataFrame([(i, t) for i, t in enumerate(texts)], "i int, text string")
+    got = {r.i: r.v for r in frame.withColumn("v", udf("text")).collect()}
+    assert got[1] is None and got[3] is None
+    expected = minilm_encoder.embed([texts[0], "", texts[4]])
+    np.testing.assert_allclose(np.stack([got[0], got[2], got[4]]), expected, atol=1e-5)
+    only_nulls = spark.createDataFrame([(None,), (None,)], "text string")
+    assert [r.v for r in only_nulls.withColumn("v", udf("text")).collect()] == [None, None]

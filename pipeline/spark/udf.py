@@ -123,15 +123,21 @@ def chunk_and_embed(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],
 
 def embedding_udf(spec: WorkerSpec, kind: str = "document"):
     """An iterator pandas UDF: text column -> array<float>, for use in any DataFrame expression
-    (`df.withColumn("v", embedding_udf(spec)("text"))`). Texts are truncated, not chunked."""
+    (`df.withColumn("v", embedding_udf(spec)("text"))`). Texts are truncated, not chunked; a
+    null text has a null vector (an empty string still has the vector of "")."""
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf("array<float>")
     def embed(texts: Iterator[pd.Series]) -> Iterator[pd.Series]:
         encoder = worker_encoder(spec)
         for series in texts:
-            vectors = encoder.embed(series.fillna("").tolist(), kind)
-            yield pd.Series(list(vectors))
+            present = np.flatnonzero(series.notna().to_numpy())
+            vectors: list[np.ndarray | None] = [None] * len(series)
+            if len(present):
+                embedded = encoder.embed(series.iloc[present].tolist(), kind)
+                for position, vector in zip(present, embedded, strict=True):
+                    vectors[position] = vector
+            yield pd.Series(vectors, dtype=object)
 
     return embed
 
