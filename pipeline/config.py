@@ -55,6 +55,9 @@ class InputSettings:
     id_col: str = "id"
     text_col: str = "text"
     title_col: str | None = None
+    # Whether a missing title column is an error. load_settings makes it true only for a title
+    # column named on the command line: a profile's default is used where the source has one.
+    title_required: bool = True
     snapshot: str = "full"
     duplicates: str = "fail"
     order_col: str | None = None
@@ -188,14 +191,17 @@ def load_settings(
 
 def apply_profile_defaults(raw: dict[str, Any], profile_model: Any, given: set[str]) -> None:
     """The profile values that are defaults only, given the keys the user set (`--set`, flags):
-    the profile's `model.id` names the profile's own model: another `model.name` without a
-    `model.id` of its own is called by its package, hub id or folder (default_model_id)."""
+    - the profile's `model.id` names the profile's own model: another `model.name` without a
+      `model.id` of its own is called by its package, hub id or folder (default_model_id);
+    - the profile's `input.title_col` is used where the source has that column; one the user
+      named must exist."""
     def user_set(key: str) -> bool:  # the key itself, or a whole section around it
         return any(key == name or key.startswith(name + ".") for name in given)
 
     model = _section(raw, "model")
     if model.get("name") != profile_model and not user_set("model.id"):
         model["id"] = default_model_id(str(model["name"])) if model.get("name") else None
+    _section(raw, "input").setdefault("title_required", user_set("input.title_col"))
 
 
 def default_model_id(name: str) -> str:

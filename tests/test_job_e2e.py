@@ -62,15 +62,17 @@ def test_python_job_rejects_a_missing_column_naming_what_exists(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_python_job_on_a_corpus_without_titles_says_the_title_is_optional(tmp_path):
+def test_python_job_on_a_corpus_without_titles_needs_a_title_only_when_one_is_named(tmp_path):
+    """The profile's title column is a default; `--title-col title` names one that must exist."""
     corpus = tmp_path / "notitle.jsonl"
     corpus.write_text('{"_id": "a", "text": "Only text here."}\n')
     done = run_job([sys.executable], "--input", str(corpus), "--output", str(tmp_path / "out"),
-                   cwd=tmp_path)
+                   "--title-col", "title", cwd=tmp_path)
     assert done.returncode == 2 and "--title-col ''" in done.stderr
     done = run_job([sys.executable], "--input", str(corpus), "--output", str(tmp_path / "out"),
-                   "--title-col", "", cwd=tmp_path)
+                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "has no column 'title' (the profile's input.title_col)" in done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["documents_embedded"] == 1
 
 

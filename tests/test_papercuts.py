@@ -4,12 +4,15 @@ real Delta tables and the real packaged all-MiniLM-L6-v2 (or the tiny Qwen3 fold
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
+import pytest
 
 from pipeline.config import load_settings
 from pipeline.embed import worker_spec
 from pipeline.model.spec import resolve_model_spec
+from pipeline.spark.io import InputError
 from pipeline.spark.udf import embedding_udf
 from pipeline.store.delta import TableRef
 from tests.conftest import write_jsonl
@@ -73,3 +76,35 @@ def test_embedding_udf_gives_a_null_text_a_null_vector(spark, minilm_encoder):
     np.testing.assert_allclose(np.stack([got[0], got[2], got[4]]), expected, atol=1e-5)
     only_nulls = spark.createDataFrame([(None,), (None,)], "text string")
     assert [r.v for r in only_nulls.withColumn("v", udf("text")).collect()] == [None, None]
+
+
+# --- 4. titles: the profile's title column is a default, one the user names must exist ---------
+
+
+def test_a_profiles_title_column_the_source_lacks_is_not_used(spark, tmp_path, caplog):
+    source = write_jsonl(tmp_path / "notitle.jsonl", [{"_id": "a", "text": "Only text here."}])
+    assert load_settings("local").input.title_col == "title"
+    with caplog.at_level(logging.INFO, logger="pipeline.spark.io"):
+        summary = embed(spark, source, tmp_path / "vectors", "spark.partitions=1")
+    assert summary.documents_embedded == 1
+    assert "has no column 'title' (the profile's input.title_col)" in caplog.text
+    rows = spark.read.format("delta").load(str(tmp_path / "vectors")).collect()
+    assert [row.chunk_text for row in rows] == ["Only text here."]
+
+
+@pytest.mark.parametrize("how", ["flag", "set"])
+def test_a_title_column_the_user_named_must_exist(spark, tmp_path, how):
+    source = write_jsonl(tmp_path / "notitle.jsonl", [{"_id": "a", "text": "Only text here."}])
+    named = ({"title_col": "title"} if how == "flag" else {})
+    overrides = ["input.title_col=title"] if how == "set" else []
+    with pytest.raises(InputError, match=r"no column input.title_col='title'.*--title-col ''"):
+        embed(spark, source, tmp_path / "vectors", *overrides, model="/no/such/model", **named)
+    assert not (tmp_path / "vectors").exists()
+
+
+def test_only_a_title_column_named_on_the_command_line_is_required() -> None:
+    assert not load_settings("local").input.title_required
+    assert not load_settings("local", ["input.text_col=body"]).input.title_required
+    assert load_settings("local", flags={"input.title_col": "heading"}).input.title_required
+    assert load_settings("local", ["input.title_col=heading"]).input.title_required
+    assert not load_settings("qwen3-embedding-4b", require_io=False).input.title_required

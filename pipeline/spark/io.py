@@ -3,6 +3,7 @@ problem before any model is loaded."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipeline.config import InputSettings
+
+log = logging.getLogger("pipeline.spark.io")
 
 BUILTIN_PREFIX = "builtin:"
 TABLE_PREFIX = "table:"
@@ -65,7 +68,7 @@ def _looks_like_table_name(path: str) -> bool:
 def read_source(spark: SparkSession, settings: InputSettings,
                 required: dict[str, str | None] | None = None) -> DataFrame:
     """The source as Spark reads it; the named columns (default: the id, text and title
-    settings) must exist, or the error lists what does."""
+    settings, see document_columns) must exist, or the error lists what does."""
     path = resolve_input_path(settings.path)
     fmt = detect_format(path) if settings.format == "auto" else settings.format
     try:
@@ -75,9 +78,7 @@ def read_source(spark: SparkSession, settings: InputSettings,
         raise
     except Exception as error:
         raise InputError(f"cannot read {path} as {fmt}: {read_error_reason(error)}") from error
-    wanted = required if required is not None else {
-        "input.id_col": settings.id_col, "input.text_col": settings.text_col,
-        "input.title_col": settings.title_col}
+    wanted = required if required is not None else document_columns(settings, columns, path)
     missing = [f"{key}={name!r}" for key, name in wanted.items() if name and name not in columns]
     if missing:
         hint = ("; the title is optional: --title-col '' embeds the text alone"
@@ -85,6 +86,23 @@ def read_source(spark: SparkSession, settings: InputSettings,
         raise InputError(f"{path} ({fmt}) has no column {', '.join(missing)}; it has {columns}"
                          f"{hint}")
     return df
+
+
+def document_columns(settings: InputSettings, columns: list[str], path: str) -> dict[str, str]:
+    """The id, text and title columns a run reads, by setting. A title column the user named
+    must exist; the profile's default is used only where the source has it."""
+    wanted = {"input.id_col": settings.id_col, "input.text_col": settings.text_col}
+    if settings.title_col and (settings.title_required or settings.title_col in columns):
+        wanted["input.title_col"] = settings.title_col
+    elif settings.title_col:
+        log.info("%s has no column %r (the profile's input.title_col): embedding the text "
+                 "alone", path, settings.title_col)
+    return wanted
+
+
+def title_column(settings: InputSettings, columns: list[str]) -> str | None:
+    """The title column to embed with the text, if any (see document_columns)."""
+    return settings.title_col if settings.title_col and settings.title_col in columns else None
 
 
 def read_error_reason(error: Exception) -> str:
@@ -140,7 +158,8 @@ def document_text_column(text: Column, title: Column) -> Column:
 def documents(df: DataFrame, settings: InputSettings) -> DataFrame:
     """The source as (doc_id, text, order) plus the reason a row cannot be embedded; `text` is
     the document text to embed and `content_hash` its sha256."""
-    title: Column = (F.col(settings.title_col).cast("string") if settings.title_col
+    title_col = title_column(settings, df.columns)
+    title: Column = (F.col(title_col).cast("string") if title_col
                      else F.lit(None).cast("string"))
     order = F.col(settings.order_col) if settings.order_col else F.lit(None)
     raw_text = F.col(settings.text_col).cast("string")
