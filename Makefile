@@ -7,13 +7,18 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup quickstart test lint wheel
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.spark-configured
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[spark,sample,plots,ann,dev]"
-	# spark-defaults.conf for this environment's spark-submit, and Delta's JARs into the Ivy cache
+	touch $@
+
+# The pip-installed Spark, once: Delta's JARs resolved by Ivy and kept next to it, a
+# spark-defaults.conf naming them and this Python, and a log4j2.properties at WARN. Then
+# spark-submit and `python jobs/...` start without Ivy (offline) and print no INFO lines.
+$(VENV)/.spark-configured: $(VENV)/.installed pipeline/spark/session.py
 	$(BIN)/python -m pipeline.spark.session
 	touch $@
 
