@@ -28,12 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_profile_arguments(parser, model_help=None)
     for flag in FLAG_KEYS:
-        if flag != "delete_missing":
+        if flag not in ("delete_missing", "cast_columns"):
             parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag,
                                 help=f"sets {FLAG_KEYS[flag]}")
     parser.add_argument("--delete-missing", action=argparse.BooleanOptionalAction, default=None,
                         help="delete documents missing from the source (default: yes for "
                              "input.snapshot=full, no for partial)")
+    parser.add_argument("--cast-columns", action=argparse.BooleanOptionalAction, default=None,
+                        help="cast non-string id, text and title columns to string (default: "
+                             "refuse them)")
     parser.add_argument("--summary-file", metavar="PATH",
                         help="also write the run summary JSON to this file (for schedulers)")
     parser.add_argument("--dry-run", action="store_true",

@@ -39,6 +39,7 @@ FLAG_KEYS = {
     "id_col": "input.id_col",
     "text_col": "input.text_col",
     "title_col": "input.title_col",
+    "cast_columns": "input.cast_columns",
     "mode": "output.mode",
     "delete_missing": "output.delete_missing",
 }
@@ -58,6 +59,8 @@ class InputSettings:
     # Whether a missing title column is an error. load_settings makes it true only for a title
     # column named on the command line: a profile's default is used where the source has one.
     title_required: bool = True
+    # Id, text and title columns must be strings; true casts others (bigint ids, say) to string.
+    cast_columns: bool = False
     snapshot: str = "full"
     duplicates: str = "fail"
     order_col: str | None = None

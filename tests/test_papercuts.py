@@ -9,7 +9,8 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.config import load_settings
+from jobs.embed_corpus import parse_args
+from pipeline.config import FLAG_KEYS, Settings, load_settings
 from pipeline.embed import worker_spec
 from pipeline.model.spec import resolve_model_spec
 from pipeline.spark.io import InputError
@@ -108,3 +109,40 @@ def test_only_a_title_column_named_on_the_command_line_is_required() -> None:
     assert load_settings("local", flags={"input.title_col": "heading"}).input.title_required
     assert load_settings("local", ["input.title_col=heading"]).input.title_required
     assert not load_settings("qwen3-embedding-4b", require_io=False).input.title_required
+
+
+# --- 3. types: non-string ids, texts and titles are refused unless cast ------------------------
+
+
+@pytest.mark.parametrize(("row", "named"), [
+    ({"_id": "a", "title": "T", "text": 12345}, "input.text_col='text' is bigint"),
+    ({"_id": 7, "title": "T", "text": "Seven."}, "input.id_col='_id' is bigint"),
+    ({"_id": "a", "title": 2.5, "text": "A text."}, "input.title_col='title' is double"),
+])
+def test_a_non_string_column_is_refused_before_the_model_naming_the_setting_that_casts(
+        spark, tmp_path, row, named):
+    source = write_jsonl(tmp_path / "typed.jsonl", [row])
+    with pytest.raises(InputError, match="not string") as info:
+        embed(spark, source, tmp_path / "vectors", model="/no/such/model")
+    assert named in str(info.value)
+    assert "set input.cast_columns=true (--cast-columns)" in str(info.value)
+    assert not (tmp_path / "vectors").exists()
+
+
+def test_cast_columns_embeds_bigint_ids_and_numbers_as_strings(spark, tmp_path):
+    source = write_jsonl(tmp_path / "typed.jsonl", [{"_id": 7, "title": "T", "text": 12345}])
+    summary = embed(spark, source, tmp_path / "vectors", "spark.partitions=1", cast_columns=True)
+    assert summary.documents_embedded == 1
+    rows = spark.read.format("delta").load(str(tmp_path / "vectors")).collect()
+    assert [(row.doc_id, row.chunk_text) for row in rows] == [("7", "T 12345")]
+
+
+def test_the_job_casts_only_with_the_cast_columns_flag() -> None:
+    def settings(*argv: str) -> Settings:
+        args = parse_args(list(argv))
+        return load_settings(args.config, args.overrides,
+                             {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()})
+
+    assert not settings().input.cast_columns
+    assert settings("--cast-columns").input.cast_columns
+    assert not settings("--set", "input.cast_columns=true", "--no-cast-columns").input.cast_columns

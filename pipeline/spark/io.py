@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StringType
 
 from pipeline.config import InputSettings
 
@@ -85,6 +86,8 @@ def read_source(spark: SparkSession, settings: InputSettings,
                 if wanted.get("input.title_col") not in (None, "", *columns) else "")
         raise InputError(f"{path} ({fmt}) has no column {', '.join(missing)}; it has {columns}"
                          f"{hint}")
+    if required is None and not settings.cast_columns:
+        refuse_non_string_columns(df, wanted, f"{path} ({fmt})")
     return df
 
 
@@ -98,6 +101,17 @@ def document_columns(settings: InputSettings, columns: list[str], path: str) -> 
         log.info("%s has no column %r (the profile's input.title_col): embedding the text "
                  "alone", path, settings.title_col)
     return wanted
+
+
+def refuse_non_string_columns(df: DataFrame, wanted: dict[str, str], source: str) -> None:
+    """Ids, texts and titles are strings: a number cast to text would be embedded ("12345"), a
+    number cast to an id would silently key the table by its string form."""
+    types = {field.name: field.dataType for field in df.schema.fields}
+    wrong = [f"{key}={name!r} is {types[name].simpleString()}" for key, name in wanted.items()
+             if name and not isinstance(types[name], StringType)]
+    if wrong:
+        raise InputError(f"{source}: {', '.join(wrong)}, not string; set input.cast_columns=true "
+                         "(--cast-columns) to cast id, text and title columns to string")
 
 
 def title_column(settings: InputSettings, columns: list[str]) -> str | None:
