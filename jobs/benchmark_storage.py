@@ -26,7 +26,7 @@ from deltalake import DeltaTable
 
 from pipeline.config import add_profile_arguments, load_settings
 from pipeline.evaluate import beir_files
-from pipeline.logs import configure_job_logging
+from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.metrics import read_qrels, retrieval_scores
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               "model_id": encoder.spec.model_id, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report), flush=True)
+    print_json_result(report)
     return 0
 
 

@@ -9,12 +9,11 @@ the last stdout line is the report as JSON."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pipeline.cluster import ALGORITHMS, run_clustering
 from pipeline.config import SparkSettings
-from pipeline.logs import configure_job_logging
+from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.spark.session import get_spark
 
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(report.top_terms.get(cluster, []))}")
         for text in report.typical_texts.get(cluster, []):
             print(f"    - {text[:120]}")
-    print(json.dumps(report.to_dict(), sort_keys=True), flush=True)
+    print_json_result(report.to_dict())
     return 0
 
 

@@ -17,7 +17,7 @@ from pyspark.sql import SparkSession
 
 from pipeline.config import FLAG_KEYS, SettingsError, add_profile_arguments, load_settings
 from pipeline.embed import interrupt_spark_jobs, run_embedding
-from pipeline.logs import configure_job_logging
+from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.summary_file:
         Path(args.summary_file).write_text(summary.to_json() + "\n")
-    print(summary.to_json(), flush=True)
+    print_json_result(summary.to_json())
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.config import CHUNK_MODES, SettingsError, add_profile_arguments, load_settings
 from pipeline.evaluate import evaluate_retrieval
-from pipeline.logs import configure_job_logging
+from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.metrics import markdown_table
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    print(json.dumps({**report.scores, "report": report.to_dict()}, sort_keys=True), flush=True)
+    print_json_result({**report.scores, "report": report.to_dict()})
     return 0
 
 

@@ -13,11 +13,10 @@ a JSON report, with `pearson` and `spearman` when --gold-col is given."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pipeline.config import SettingsError, add_profile_arguments, load_settings
-from pipeline.logs import configure_job_logging
+from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.model.spec import ModelSpecError
 from pipeline.similarity import score_pairs
 from pipeline.spark.io import InputError
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if reference is not None:
         print(f"sentence-transformers: pearson {reference['pearson']:.4f}, "
               f"spearman {reference['spearman']:.4f}")
-    print(json.dumps({**report.to_dict(), "reference": reference}, sort_keys=True), flush=True)
+    print_json_result({**report.to_dict(), "reference": reference})
     return 0
 
 

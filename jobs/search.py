@@ -12,12 +12,11 @@ path, else a Delta table) or, without it, to stdout. The last stdout line is a J
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from pipeline.config import InputSettings, SettingsError, add_profile_arguments, load_settings
-from pipeline.logs import configure_job_logging
+from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.model.spec import ModelSpecError
 from pipeline.search import METRICS, SearchReport, query_frame, read_vectors, search_table
 from pipeline.spark.io import InputError
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                           level="document" if args.documents else "chunk", metric=args.metric,
                           rows=rows, output=output,
                           seconds=round(time.perf_counter() - started, 2))
-    print(json.dumps(report.to_dict(), sort_keys=True), flush=True)
+    print_json_result(report.to_dict())
     return 0
 
 
@@ -98,7 +97,7 @@ def export_index(spark, vectors: str, args: argparse.Namespace) -> int:
     from pipeline.ann import build_index
 
     report = build_index(spark, vectors, args.export_index, args.metric)
-    print(json.dumps(report.to_dict(), sort_keys=True), flush=True)
+    print_json_result(report.to_dict())
     return 0
 
 

@@ -4,6 +4,7 @@ steps themselves on a scratch Spark home."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -135,3 +136,15 @@ def test_log4j_config_is_written_at_warn_and_yours_is_kept(tmp_path):
     assert session.write_log4j_config(tmp_path) is None
     assert path.read_text() == "rootLogger.level = debug\n"
 
+
+
+@pytest.mark.slow
+def test_the_summary_is_a_json_line_of_its_own_when_both_streams_share_a_file(merged_run):
+    """The progress bar ends its lines with carriage returns, never a newline: the summary
+    starts a line anyway, and that line is the file's last (the Airflow DAG reads it)."""
+    code, console = merged_run
+    assert code == 0, console[-3000:]
+    assert "\r[Stage " in console, "the progress bar was drawn into the same file"
+    last = console.rstrip("\n").split("\n")[-1]
+    assert not last.startswith("[Stage") and last.startswith("{"), repr(last[:200])
+    assert json.loads(last)["documents_embedded"] == 12
