@@ -146,3 +146,47 @@ def test_the_job_casts_only_with_the_cast_columns_flag() -> None:
     assert not settings().input.cast_columns
     assert settings("--cast-columns").input.cast_columns
     assert not settings("--set", "input.cast_columns=true", "--no-cast-columns").input.cast_columns
+
+
+# --- 2. findable rejects: a malformed line keeps its raw text and its file ---------------------
+
+OLD_REJECTS_DDL = "doc_id string, reason string, text_prefix string, run_id string, " \
+    "rejected_at timestamp"
+
+
+@pytest.fixture(scope="module")
+def run_with_malformed_lines(spark, tmp_path_factory):
+    """A folder of two JSONL files, one with a torn line and a line of invalid UTF-8, embedded
+    next to a rejects table an older version wrote (without `source_file`)."""
+    root = tmp_path_factory.mktemp("malformed")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "good.jsonl", [*DOCS, {"_id": "d3", "title": "T", "text": None}])
+    (corpus / "bad.jsonl").write_bytes(
+        b'{"_id": "d4", "title": "T", "text": "Fine."}\n'
+        b'{"_id": "torn", "te\n'
+        b'{"_id": "latin1", "title": "T", "text": "caf\xe9 au lait"}\n')
+    old = spark.createDataFrame([("old", "null text", "x", "run0", None)], OLD_REJECTS_DDL)
+    old.write.format("delta").save(str(root / "vectors_rejects"))
+    summary = embed(spark, corpus, root / "vectors", "spark.partitions=1")
+    rejects = spark.read.format("delta").load(str(root / "vectors_rejects"))
+    return summary, {row.doc_id or row.text_prefix[:12]: row for row in rejects.collect()}
+
+
+def test_a_malformed_line_is_quarantined_with_its_raw_text_and_file(run_with_malformed_lines):
+    summary, rejects = run_with_malformed_lines
+    assert summary.documents_embedded == 3 and summary.rejected == 3
+    torn, latin1 = rejects['{"_id": "tor'], rejects['{"_id": "lat']
+    assert (torn.reason, torn.doc_id, torn.text_prefix) == (
+        "malformed record", None, '{"_id": "torn", "te')
+    assert latin1.reason == "malformed record" and "caf\ufffd au lait" in latin1.text_prefix
+    assert torn.source_file.endswith("/corpus/bad.jsonl") and latin1.source_file == (
+        torn.source_file)
+    assert rejects["d3"].reason == "null text"
+    assert rejects["d3"].source_file.endswith("/corpus/good.jsonl")
+
+
+def test_rejects_append_to_a_table_written_before_source_file(run_with_malformed_lines):
+    summary, rejects = run_with_malformed_lines
+    assert rejects["old"].run_id == "run0" and rejects["old"].source_file is None
+    assert {row.run_id for key, row in rejects.items() if key != "old"} == {summary.run_id}

@@ -18,6 +18,7 @@ log = logging.getLogger("pipeline.spark.io")
 BUILTIN_PREFIX = "builtin:"
 TABLE_PREFIX = "table:"
 CORRUPT_RECORD = "_corrupt_record"  # Spark's column for JSON and CSV lines it cannot parse
+SOURCE_FILE = "_source_file"  # added by read_source to a file source: the file of each row
 SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
@@ -69,7 +70,8 @@ def _looks_like_table_name(path: str) -> bool:
 def read_source(spark: SparkSession, settings: InputSettings,
                 required: dict[str, str | None] | None = None) -> DataFrame:
     """The source as Spark reads it; the named columns (default: the id, text and title
-    settings, see document_columns) must exist, or the error lists what does."""
+    settings, see document_columns) must exist, or the error lists what does. For the default
+    (a run's documents), rows read from files carry their file's path in SOURCE_FILE."""
     path = resolve_input_path(settings.path)
     fmt = detect_format(path) if settings.format == "auto" else settings.format
     try:
@@ -88,6 +90,8 @@ def read_source(spark: SparkSession, settings: InputSettings,
                          f"{hint}")
     if required is None and not settings.cast_columns:
         refuse_non_string_columns(df, wanted, f"{path} ({fmt})")
+    if required is None and fmt != "table" and "_metadata" not in columns:
+        df = df.withColumn(SOURCE_FILE, F.col("_metadata.file_path"))  # Spark's, of file sources
     return df
 
 
@@ -171,29 +175,33 @@ def document_text_column(text: Column, title: Column) -> Column:
 
 def documents(df: DataFrame, settings: InputSettings) -> DataFrame:
     """The source as (doc_id, text, order) plus the reason a row cannot be embedded; `text` is
-    the document text to embed and `content_hash` its sha256."""
+    the document text to embed and `content_hash` its sha256. For the rejects table, a line
+    Spark could not parse keeps its raw text in `raw_record`, and each row its `source_file`."""
     title_col = title_column(settings, df.columns)
     title: Column = (F.col(title_col).cast("string") if title_col
                      else F.lit(None).cast("string"))
     order = F.col(settings.order_col) if settings.order_col else F.lit(None)
     raw_text = F.col(settings.text_col).cast("string")
-    corrupt = (F.col(CORRUPT_RECORD) if CORRUPT_RECORD in df.columns
-               else F.lit(None).cast("string"))
     docs = df.select(
         F.col(settings.id_col).cast("string").alias("doc_id"),
         raw_text.alias("raw_text"),
         document_text_column(raw_text, title).alias("text"),
         order.alias("order_key"),
-        corrupt.alias("corrupt_record"),
+        _column_or_null(df, CORRUPT_RECORD).alias("raw_record"),
+        _column_or_null(df, SOURCE_FILE).alias("source_file"),
     )
     return (docs.withColumn("content_hash", F.sha2("text", 256))
             .withColumn("reject_reason", reject_reason(settings.max_text_bytes))
-            .drop("raw_text", "corrupt_record"))
+            .drop("raw_text"))
+
+
+def _column_or_null(df: DataFrame, name: str) -> Column:
+    return F.col(name) if name in df.columns else F.lit(None).cast("string")
 
 
 def reject_reason(max_text_bytes: int) -> Column:
     """Why a document cannot be embedded, or null when it can."""
-    return (F.when(F.col("corrupt_record").isNotNull(), F.lit("malformed record"))
+    return (F.when(F.col("raw_record").isNotNull(), F.lit("malformed record"))
             .when(F.col("doc_id").isNull(), F.lit("null id"))
             .when(F.col("raw_text").isNull(), F.lit("null text"))
             .when(is_blank(F.col("text")), F.lit("empty or whitespace-only text"))

@@ -21,17 +21,31 @@ RUNS_DDL = (
 
 def write_rejects(spark: SparkSession, table: TableRef, flagged: DataFrame, run_id: str,
                   count: int) -> None:
-    """Quarantine flagged rows in `<output>_rejects` with the reason; nothing when none."""
+    """Quarantine flagged rows (pipeline.spark.io.documents) in `<output>_rejects` with the
+    reason, the start of the document text (of the raw line, for a line Spark could not parse)
+    and the source file; nothing when none."""
     if not count:
         return
     rejects = (flagged.where(F.col("reject_reason").isNotNull())
                .select("doc_id", F.col("reject_reason").alias("reason"),
-                       F.substring("text", 1, 1000).alias("text_prefix"),
+                       F.substring(F.coalesce("raw_record", "text"), 1, 1000).alias("text_prefix"),
                        F.lit(run_id).alias("run_id"),
-                       F.current_timestamp().alias("rejected_at")))
+                       F.current_timestamp().alias("rejected_at"),
+                       "source_file"))
     target = table.sibling("_rejects")
-    with_commit_retries(lambda: target.write(rejects, "append"), "writing rejects", retries=3)
+    with_commit_retries(lambda: append_merging_schema(target, rejects), "writing rejects",
+                        retries=3)
     log.warning("run %s: %d rows rejected, see %s", run_id, count, target.location)
+
+
+def append_merging_schema(table: TableRef, rows: DataFrame) -> None:
+    """Append, adding the columns a table written by an older version lacks (Delta schema
+    merge): `<output>_rejects` tables from before `source_file` take the new rows."""
+    writer = rows.write.format("delta").mode("append").option("mergeSchema", "true")
+    if table.is_path:
+        writer.save(table.location)
+    else:
+        writer.saveAsTable(table.location)
 
 
 def append_run(spark: SparkSession, table: TableRef, record: dict) -> None:
