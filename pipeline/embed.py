@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipeline.config import InputSettings, Settings
@@ -31,8 +31,12 @@ from pipeline.store.delta import (
     VECTOR_COLUMNS,
     VECTOR_DDL,
     TableRef,
+    append_documents,
     check_same_model,
     delete_documents,
+    deletion_vector_advice,
+    drop_overlapping_rows,
+    foreign_commits_since,
     label_missing_properties,
     merge_documents,
     prepare_table,
@@ -46,7 +50,10 @@ from pipeline.store.runs import append_run, write_rejects
 log = logging.getLogger("pipeline.embed")
 
 DUPLICATE_FAILS = "duplicate id (input.duplicates=fail)"
-TO_EMBED = ("new", "changed")
+# "duplicated": a document stored twice (a writer killed between its append and its overlap
+# check, while another wrote the same document); its rows are deleted and it is embedded again.
+TO_MERGE = ("changed", "duplicated")
+TO_EMBED = ("new", *TO_MERGE)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class RunPlan:
     changed: int = 0
     unchanged: int = 0
     deleted: int = 0
+    duplicated: int = 0  # of the changed: stored more than once, re-embedded
     delete_missing: bool = True
     waves: int = 0
 
@@ -124,6 +132,7 @@ class Run:
     plan: RunPlan = field(default_factory=RunPlan)
     written: ChunkTotals = field(default_factory=ChunkTotals)
     version: int | None = None  # the last version this run committed
+    planned_at: int = -1  # the table version the plan read
     writing: bool = False  # past the checks and the plan: rows may have been committed
 
     @property
@@ -236,7 +245,7 @@ def _count_committed(run: Run) -> None:
     even when it was stopped in the middle of a commit."""
     if not run.writing or not run.table.exists(run.spark):
         return
-    row = (run.table.delta(run.spark).toDF().where(F.col("run_id") == run.run_id)
+    row = (run.table.read(run.spark).where(F.col("run_id") == run.run_id)
            .agg(F.sum(F.when(F.col("chunk_index") == 0, 1).otherwise(0)).alias("documents"),
                 F.count(F.lit(1)).alias("chunks"), F.sum("token_count").alias("tokens"))
            .collect()[0])
@@ -250,6 +259,8 @@ def dry_run_plan(run: Run, flagged: DataFrame) -> RunPlan:
     exists = run.table.exists(run.spark)
     if exists and run.settings.output.mode != "overwrite":
         check_same_model(run.table, run.table.properties(run.spark), table_properties(run))
+    if exists:
+        run.planned_at = run.table.version(run.spark)
     plan, planned = make_plan(run, flagged,
                               table_exists=exists and run.settings.output.mode == "incremental")
     planned.unpersist()
@@ -260,17 +271,25 @@ def dry_run_plan(run: Run, flagged: DataFrame) -> RunPlan:
 def _run(run: Run, flagged: DataFrame) -> RunSummary:
     mode = run.settings.output.mode
     properties = table_properties(run)
-    existed = prepare_table(run.spark, run.table, run.spark.createDataFrame([], VECTOR_DDL),
-                            mode, properties)
-    if existed and mode == "incremental":
-        label_missing_properties(run.spark, run.table, properties)
-    run.plan, planned = make_plan(run, flagged, table_exists=existed and mode == "incremental")
+    existed = prepare_table(run.spark, run.table, VECTOR_DDL, mode, properties)
+    incremental = mode == "incremental"
+    if existed and incremental:
+        stored = run.table.properties(run.spark)
+        label_missing_properties(run.spark, run.table, stored, properties)
+        advice = deletion_vector_advice(run.table, stored)
+        if advice:
+            log.warning(advice)
+    if incremental:
+        run.planned_at = run.table.version(run.spark)
+    run.plan, planned = make_plan(run, flagged, table_exists=existed and incremental)
     log.info("run %s (%s) planned after %.1fs: %s", run.run_id, mode, run.elapsed,
              json.dumps(asdict(run.plan), sort_keys=True))
     write_rejects(run.spark, run.table, flagged, run.run_id, run.plan.rejected)
     run.writing = True
+    if run.plan.duplicated:
+        _delete_duplicated(run, planned)
     with released(planned):
-        if mode == "incremental":
+        if incremental:
             embed_in_waves(run, planned)
             run.version = run.table.version(run.spark)
         else:
@@ -282,24 +301,21 @@ def _run(run: Run, flagged: DataFrame) -> RunSummary:
 
 def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
                         ) -> tuple[int, ChunkTotals]:
-    """Overwrite or append mode. An overwrite with another model or format replaces rows and
-    properties together; Delta runs that replace's query in a nested plan whose observed
-    metrics never arrive, so its vectors are materialised first and counted there."""
+    """Overwrite or append mode. The vectors are materialised on the executors first and
+    counted there (observed metrics do not arrive over Spark Connect, nor from the nested plan
+    of an overwrite with another model, which replaces rows and properties together)."""
     mode = run.settings.output.mode
-    chunks = observed_chunks(run, docs)
     stored = run.table.properties(run.spark)
     relabel = relabels(stored, properties)
-    if mode == "overwrite" and relabel:
-        with released(_materialized(chunks)) as materialized:
-            totals = _observed_totals(materialized)
-            version = replace_vectors(run.spark, run.table,
-                                      materialized.select(*VECTOR_COLUMNS), properties, stored)
-        return version, totals
-    observation = Observation("chunks")
-    chunks = chunks.observe(observation, *_total_columns()).select(*VECTOR_COLUMNS)
-    version = write_vectors(run.spark, run.table, chunks, mode,
-                            properties if relabel else None)
-    return version, _totals(observation.get)
+    with released(_materialized(observed_chunks(run, docs))) as chunks:
+        totals = _observed_totals(chunks)
+        vectors = chunks.select(*VECTOR_COLUMNS)
+        if mode == "overwrite" and relabel:
+            version = replace_vectors(run.spark, run.table, vectors, properties, stored)
+        else:
+            version = write_vectors(run.spark, run.table, vectors, mode,
+                                    properties if relabel else None)
+    return version, totals
 
 
 def table_properties(run: Run) -> dict[str, str]:
@@ -358,12 +374,15 @@ def _fail_on_duplicate_ids(run: Run, flagged: DataFrame, quarantine: bool) -> No
 
 def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan, DataFrame]:
     """Classify documents against the table: new, changed, unchanged, deleted. Returns the counts
-    and the persisted plan (doc_id, text, content_hash, status); text only where it is needed."""
+    and the persisted plan (doc_id, text, content_hash, status); text only where it is needed.
+    One pass over the table's key columns (chunk 0 of each document, at the planned version)."""
     source = flagged.where(F.col("reject_reason").isNull()).select("doc_id", "text",
                                                                    "content_hash")
     if table_exists:
-        stored = (run.table.delta(run.spark).toDF().where(F.col("chunk_index") == 0)
-                  .select("doc_id", F.col("content_hash").alias("stored_hash")))
+        stored = (run.table.read(run.spark, run.planned_at).where(F.col("chunk_index") == 0)
+                  .groupBy("doc_id")
+                  .agg(F.max("content_hash").alias("stored_hash"),
+                       F.count(F.lit(1)).alias("copies")))
         planned = source.join(stored, "doc_id", "full_outer").withColumn("status", _status())
     else:
         planned = source.withColumn("status", F.lit("new"))
@@ -375,47 +394,117 @@ def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan
     plan = RunPlan(
         rejected=rejected,
         new=counts.get("new", 0),
-        changed=counts.get("changed", 0),
+        changed=sum(counts.get(status, 0) for status in TO_MERGE),
         unchanged=counts.get("unchanged", 0),
         deleted=counts.get("deleted", 0),
+        duplicated=counts.get("duplicated", 0),
         delete_missing=run.settings.output.deletes_missing(run.settings.input.snapshot),
     )
     plan.documents_read = plan.to_embed + plan.unchanged + rejected
-    plan.waves = math.ceil(plan.to_embed / run.settings.output.wave_docs)
+    plan.waves = _wave_count(plan.new, run) + _wave_count(plan.changed, run)
     return plan, planned
+
+
+def _wave_count(documents: int, run: Run) -> int:
+    return math.ceil(documents / run.settings.output.wave_docs)
 
 
 def _status() -> Column:
     return (F.when(F.col("stored_hash").isNull(), F.lit("new"))
             .when(F.col("content_hash").isNull(), F.lit("deleted"))
+            .when(F.col("copies") > 1, F.lit("duplicated"))
             .when(F.col("content_hash") == F.col("stored_hash"), F.lit("unchanged"))
             .otherwise(F.lit("changed")))
 
 
+def _delete_duplicated(run: Run, planned: DataFrame) -> None:
+    """Documents stored twice lose all their rows before the waves, which embed them again."""
+    doubled = planned.where(F.col("status") == "duplicated").select("doc_id")
+    log.warning("run %s: documents stored more than once (a writer was killed between its "
+                "append and its overlap check); re-embedding them", run.run_id)
+    with_commit_retries(lambda: delete_documents(run.spark, run.table, doubled,
+                                                 f"{run.run_id}:duplicates"),
+                        "deleting documents stored twice", run.settings.output.commit_retries)
+
+
+@dataclass
+class Wave:
+    """One wave's documents and how they are committed."""
+
+    number: int
+    of: int
+    docs: DataFrame
+    kind: str  # "append": documents the plan found absent; "merge": changed ones
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}:{self.number}/{self.of}"
+
+
+def plan_waves(run: Run, planned: DataFrame) -> list[Wave]:
+    """New documents first, in blind-append waves (no join against the table); then changed
+    documents in MERGE waves. Waves split documents by a hash of doc_id."""
+    plan, waves = run.plan, []
+    groups = (("append", ("new",), _wave_count(plan.new, run)),
+              ("merge", TO_MERGE, _wave_count(plan.changed, run)))
+    for kind, statuses, count in groups:
+        for number in range(count):
+            in_wave = F.pmod(F.xxhash64("doc_id"), F.lit(count)) == number
+            docs = planned.where(F.col("status").isin(*statuses) & in_wave)
+            waves.append(Wave(len(waves) + 1, plan.waves, docs, kind))
+    return waves
+
+
 def embed_in_waves(run: Run, planned: DataFrame) -> None:
-    """Embed and MERGE wave after wave, each wave one commit; then delete missing documents."""
-    plan = run.plan
-    retries = run.settings.output.commit_retries
-    for wave in range(plan.waves):
-        in_wave = F.pmod(F.xxhash64("doc_id"), F.lit(plan.waves)) == wave
-        docs = planned.where(F.col("status").isin(*TO_EMBED) & in_wave)
-        embedding_started = run.elapsed
-        with released(_materialized(observed_chunks(run, docs))) as chunks:
-            wave_totals = _observed_totals(chunks)
-            merge_started = run.elapsed
-            with_commit_retries(
-                lambda c=chunks, d=docs: merge_documents(run.spark, run.table, c,
-                                                         d.select("doc_id")),
-                f"wave {wave + 1}/{plan.waves}", retries)
-        run.written.add(wave_totals)
-        log.info("run %s: wave %d/%d committed: %d documents, %d chunks (embedded in %.1fs, "
-                 "merged in %.1fs)", run.run_id, wave + 1, plan.waves, wave_totals.documents,
-                 wave_totals.chunks, merge_started - embedding_started,
-                 run.elapsed - merge_started)
-    if plan.delete_missing and plan.deleted:
-        gone = planned.where(F.col("status") == "deleted").select("doc_id")
-        with_commit_retries(lambda: delete_documents(run.spark, run.table, gone),
+    """Embed and commit wave after wave, each wave one commit. Missing documents are deleted in
+    the last MERGE wave's commit (or in a commit of their own when there is none)."""
+    plan, retries = run.plan, run.settings.output.commit_retries
+    deleted = (planned.where(F.col("status") == "deleted").select("doc_id")
+               if plan.delete_missing and plan.deleted else None)
+    waves = plan_waves(run, planned)
+    merges = [wave for wave in waves if wave.kind == "merge"]
+    own_tags: set[str] = set()
+    for wave in waves:
+        started = run.elapsed
+        with released(_materialized(observed_chunks(run, wave.docs))) as chunks:
+            totals = _observed_totals(chunks)
+            committing = run.elapsed
+            tag = f"{run.run_id}:{wave.tag}"
+            if wave.kind == "append" and not foreign_commits_since(
+                    run.spark, run.table, run.planned_at, own_tags):
+                _append_wave(run, chunks, tag, own_tags)
+            else:
+                ids = wave.docs.select("doc_id")
+                if deleted is not None and merges and wave is merges[-1]:
+                    ids = ids.unionByName(deleted)
+                with_commit_retries(
+                    lambda c=chunks, i=ids, t=tag: merge_documents(run.spark, run.table, c, i, t),
+                    f"wave {wave.number}/{wave.of}", retries)
+        run.written.add(totals)
+        timing = {"wave": wave.number, "kind": wave.kind, "documents": totals.documents,
+                  "chunks": totals.chunks, "embed_seconds": round(committing - started, 2),
+                  "commit_seconds": round(run.elapsed - committing, 2)}
+        log.info("run %s: wave %d/%d committed (%s): %d documents, %d chunks (embedded in "
+                 "%.1fs, committed in %.1fs)", run.run_id, wave.number, wave.of, wave.kind,
+                 totals.documents, totals.chunks, timing["embed_seconds"],
+                 timing["commit_seconds"], extra={"wave_timing": timing})
+    if deleted is not None and not merges:
+        with_commit_retries(lambda: delete_documents(run.spark, run.table, deleted,
+                                                     f"{run.run_id}:delete-missing"),
                             "deleting missing documents", retries)
+
+
+def _append_wave(run: Run, chunks: DataFrame, tag: str, own_tags: set[str]) -> None:
+    """A blind append, then the check that no other writer wrote these documents first."""
+    retries = run.settings.output.commit_retries
+    rows = chunks.select(*VECTOR_COLUMNS)
+    appended_at = with_commit_retries(
+        lambda: append_documents(run.spark, run.table, rows, tag), tag, retries)
+    own_tags.add(tag)
+    with_commit_retries(
+        lambda: drop_overlapping_rows(run.spark, run.table, rows, tag, appended_at,
+                                      run.planned_at, own_tags),
+        f"{tag}: overlap check", retries)
 
 
 def observed_chunks(run: Run, docs: DataFrame) -> DataFrame:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
 import pytest
+from deltalake import DeltaTable, QueryBuilder
 
 from pipeline.config import ModelSettings, SparkSettings
 from pipeline.model.load import get_encoder
@@ -60,3 +63,11 @@ def sample_docs() -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def delta_rows(path: Path | str) -> pd.DataFrame:
+    """A Delta table's live rows as delta-rs reads them: its DataFusion engine applies deletion
+    vectors, which `DeltaTable.to_pandas()` refuses to read."""
+    table = DeltaTable(str(path))
+    batches = QueryBuilder().register("t", table).execute("SELECT * FROM t")
+    return pa.table(batches.read_all()).to_pandas()

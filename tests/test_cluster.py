@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deltalake import DeltaTable
 
-from tests.conftest import REPO, SAMPLE_CORPUS
+from tests.conftest import REPO, SAMPLE_CORPUS, delta_rows
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -104,7 +103,7 @@ def test_spark_submit_to_a_standalone_cluster(cluster, tmp_path, minilm_encoder)
     documents = len(SAMPLE_CORPUS.read_text().splitlines())
     assert summary["documents_embedded"] == documents
 
-    rows = DeltaTable(str(tmp_path / "vectors")).to_pandas()
+    rows = delta_rows(str(tmp_path / "vectors"))
     assert len(rows) == summary["chunks_written"]
     assert not rows.duplicated(["doc_id", "chunk_index"]).any()
     sample = rows.sample(n=40, random_state=1)

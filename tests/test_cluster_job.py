@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from deltalake import DeltaTable
 
 from pipeline.cluster import run_clustering
+from tests.conftest import delta_rows
 
 TOPICS = ["river water fish", "engine motor fuel", "violin music concert", "planet orbit star"]
 
@@ -34,13 +34,13 @@ def test_k_is_chosen_by_silhouette_and_clusters_match_the_planted_ones(spark, pl
                             plot=str(folder / "clusters.png"))
     assert report.k == 4 and report.silhouette > 0.9
     assert report.silhouettes[4] == max(report.silhouettes.values())
-    assignments = DeltaTable(str(folder / "out_assignments")).to_pandas()
+    assignments = delta_rows(str(folder / "out_assignments"))
     found = assignments.set_index("doc_id").loc[[f"doc-{i}" for i in range(400)], "cluster"]
     for label in range(4):
         assert found[labels == label].nunique() == 1, "a planted cluster was split"
     assert found.nunique() == 4
     assert (assignments.distance >= -1e-6).all() and (assignments.distance < 0.1).all()
-    centroids = DeltaTable(str(folder / "out_centroids")).to_pandas()
+    centroids = delta_rows(str(folder / "out_centroids"))
     assert sorted(centroids["size"]) == [100, 100, 100, 100]
     for cluster, words in report.top_terms.items():
         topic = next(t for t in TOPICS if t.split()[0] in " ".join(words))

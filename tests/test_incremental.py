@@ -19,14 +19,14 @@ from deltalake import DeltaTable
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
 from pipeline.store.delta import ModelMismatchError
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO, delta_rows, write_jsonl
 from tests.test_spark_embed import embed
 
 SMALL_CHUNKS = ("chunking.chunk_tokens=48", "chunking.chunk_overlap=8", "spark.partitions=2")
 
 
 def table_frame(path: Path) -> pd.DataFrame:
-    rows = DeltaTable(str(path)).to_pandas()
+    rows = delta_rows(str(path))
     return rows.sort_values(["doc_id", "chunk_index"]).reset_index(drop=True)
 
 
@@ -155,7 +155,7 @@ def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_
     rows = table_frame(target)
     assert set(rows.model_fingerprint) == {replaced.model_fingerprint}
     assert len(rows.embedding.iloc[0]) == 64
-    runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
+    runs = delta_rows(str(tmp_path / "vectors_runs"))
     assert sorted(runs.status) == ["failed"] * 4 + ["succeeded"] * 2
     failed = runs[runs.status == "failed"]
     assert failed.error.str.contains("ModelMismatchError").all()
@@ -210,15 +210,15 @@ def test_every_kind_of_bad_row_is_quarantined_with_its_reason(spark, tmp_path):
     assert not list(tmp_path.glob("vectors*")), "a dry run writes nothing, rejects included"
     with pytest.raises(InputError, match=r"duplicate document ids.*'dup' x2"):
         embed(spark, source, tmp_path / "vectors")
-    held = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()
+    held = delta_rows(str(tmp_path / "vectors_rejects"))
     assert sorted(held[held.doc_id == "dup"].text_prefix) == ["newer", "older"]
     assert set(held[held.doc_id == "dup"].reason) == {"duplicate id (input.duplicates=fail)"}
-    failed = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
+    failed = delta_rows(str(tmp_path / "vectors_runs"))
     assert failed.status.tolist() == ["failed"] and "duplicate" in failed.error.iloc[0]
     assert not (tmp_path / "vectors").exists(), "nothing embedded"
     summary = embed(spark, source, tmp_path / "vectors", "input.duplicates=keep_last",
                     "input.order_col=v", "input.max_text_bytes=200")
-    rejects = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()
+    rejects = delta_rows(str(tmp_path / "vectors_rejects"))
     rejects = rejects[rejects.run_id == summary.run_id]
     reasons = sorted(zip(rejects.doc_id.fillna("<null>"), rejects.reason, strict=True))
     assert reasons == sorted([
@@ -265,7 +265,7 @@ def test_a_run_failing_at_its_checks_is_recorded_as_failed(spark, base_run, tmp_
         embed(spark, folder / "v1.jsonl", tmp_path / "vectors", text_col="body")
     with pytest.raises(ModelSpecError, match="does not exist"):
         embed(spark, folder / "v1.jsonl", tmp_path / "vectors", model=str(tmp_path / "nope"))
-    runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas().sort_values("started_at")
+    runs = delta_rows(str(tmp_path / "vectors_runs")).sort_values("started_at")
     assert runs.status.tolist() == ["failed", "failed"]
     assert runs.error.str.contains("InputError").iloc[0]
     assert runs.error.str.contains("ModelSpecError").iloc[1]
@@ -310,11 +310,11 @@ def test_a_terminated_run_is_recorded_as_failed_with_what_it_committed(tmp_path,
     wait_for_first_wave(job, target, log)
     job.terminate()  # SIGTERM to the driver only, as a scheduler's timeout sends it
     assert job.wait(timeout=300) != 0
-    runs = DeltaTable(str(tmp_path / "vectors_runs")).to_pandas()
+    runs = delta_rows(str(tmp_path / "vectors_runs"))
     assert runs.status.tolist() == ["failed"], log.read_text()[-3000:]
     assert "SIGTERM" in runs.error.iloc[0]
     written = DeltaTable(str(target))
-    committed = written.to_pandas()
+    committed = delta_rows(target)
     assert runs.chunks_written.iloc[0] == len(committed) > 0
     assert runs.table_version.iloc[0] == written.version()
 
@@ -335,7 +335,7 @@ def test_two_jobs_in_separate_processes_leave_one_valid_table(tmp_path, sample_d
         assert rerun["documents_embedded"] == 0
     run_job(command, tmp_path / "clean")
     assert_same_table(table_frame(target), table_frame(tmp_path / "clean"))
-    runs = DeltaTable(str(tmp_path / "shared_runs")).to_pandas()
+    runs = delta_rows(str(tmp_path / "shared_runs"))
     assert len(runs) == 3 and (runs.status == "succeeded").sum() >= 2
 
 

@@ -13,7 +13,7 @@ import pytest
 from deltalake import DeltaTable
 
 from pipeline.text import document_text
-from tests.conftest import REPO, SAMPLE_CORPUS
+from tests.conftest import REPO, SAMPLE_CORPUS, delta_rows
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def test_spark_submit_embeds_the_sample_corpus_like_the_encoder(tmp_path, minilm
     assert "partition" in done.stderr and "tokens/s" in done.stderr, "progress is logged"
 
     table = DeltaTable(str(tmp_path / "data" / "sample_vectors"))
-    rows = table.to_pandas().sort_values(["doc_id", "chunk_index"])
+    rows = delta_rows(tmp_path / "data" / "sample_vectors").sort_values(["doc_id", "chunk_index"])
     assert table.version() == summary["table_version"]
     docs = [json.loads(line) for line in SAMPLE_CORPUS.read_text().splitlines()]
     texts = {d["_id"]: document_text(d["text"], d["title"]) for d in docs}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deltalake import DeltaTable
 
 from pipeline.config import FLAG_KEYS, load_settings
 from pipeline.embed import RunSummary, run_embedding, worker_spec
@@ -17,7 +16,7 @@ from pipeline.spark.io import InputError
 from pipeline.spark.udf import embedding_udf
 from pipeline.store.delta import ModelMismatchError, TableRef
 from pipeline.text import content_hash, document_text
-from tests.conftest import write_jsonl
+from tests.conftest import delta_rows, write_jsonl
 
 
 def embed(spark, source: Path | str, output: Path, *overrides: str, dry_run: bool = False,
@@ -53,7 +52,7 @@ def test_table_has_one_row_per_chunk_with_the_encoders_vectors(first_run, corpus
                                                                 minilm_encoder):
     summary, out = first_run
     docs = [json.loads(line) for line in corpus.read_text().splitlines()]
-    rows = DeltaTable(str(out / "vectors")).to_pandas()
+    rows = delta_rows(str(out / "vectors"))
     texts = {d["_id"]: document_text(d["text"], d["title"]) for d in docs}
     expected_chunks = minilm_encoder.chunk(list(texts.values()), 254, 32, truncate=False)
     assert len(rows) == sum(len(c) for c in expected_chunks) == summary.chunks_written
@@ -111,12 +110,12 @@ def test_bad_rows_are_quarantined_and_good_rows_land(spark, tmp_path):
     ])
     summary = embed(spark, source, tmp_path / "vectors")
     assert (summary.documents_read, summary.rejected, summary.documents_embedded) == (7, 4, 3)
-    rejects = DeltaTable(str(tmp_path / "vectors_rejects")).to_pandas()
+    rejects = delta_rows(str(tmp_path / "vectors_rejects"))
     assert dict(zip(rejects["doc_id"].fillna("<null>"), rejects["reason"], strict=True)) == {
         "<null>": "null id", "null-text": "null text", "empty": "empty or whitespace-only text",
         "blank": "empty or whitespace-only text"}
     assert set(rejects["run_id"]) == {summary.run_id}
-    landed = DeltaTable(str(tmp_path / "vectors")).to_pandas()
+    landed = delta_rows(str(tmp_path / "vectors"))
     assert sorted(landed["doc_id"]) == ["control", "good-1", "title-only"]
 
 
@@ -133,7 +132,7 @@ def test_parquet_csv_and_delta_inputs_with_custom_columns(spark, tmp_path, sampl
     summary = embed(spark, source, tmp_path / "vectors", id_col="key", text_col="body",
                     title_col="heading", input__format=fmt if fmt == "csv" else "auto")
     assert summary.documents_embedded == 12
-    stored = DeltaTable(str(tmp_path / "vectors")).to_pandas()
+    stored = delta_rows(str(tmp_path / "vectors"))
     first = stored[(stored.doc_id == rows[0][0]) & (stored.chunk_index == 0)].iloc[0]
     assert first.chunk_text.startswith(f"{rows[0][1]} {rows[0][2][:20]}")
 

@@ -11,7 +11,7 @@ from pipeline.cluster import load_features
 from pipeline.search import Queries, decoded_vectors, exact_search, read_vectors
 from pipeline.store.delta import ModelMismatchError
 from pipeline.vectors import pack_vectors, unpack_vectors
-from tests.conftest import write_jsonl
+from tests.conftest import delta_rows, write_jsonl
 from tests.test_spark_embed import embed
 
 FORMATS = ("float32", "float16", "int8", "binary")
@@ -52,7 +52,7 @@ def tables(spark, sample_docs, tmp_path_factory):
 
 
 def stored(path) -> tuple[list, np.ndarray]:
-    rows = DeltaTable(str(path)).to_pandas().sort_values(["doc_id", "chunk_index"])
+    rows = delta_rows(str(path)).sort_values(["doc_id", "chunk_index"])
     return list(zip(rows.doc_id, rows.chunk_index, strict=True)), rows
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from delta import exceptions as delta_errors
-from delta.tables import DeltaTable
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -67,42 +68,59 @@ class TableRef:
         return TableRef(self.location.rstrip("/") + suffix)
 
     def exists(self, spark: SparkSession) -> bool:
-        if self.is_path:
-            return DeltaTable.isDeltaTable(spark, self.location)
-        return spark.catalog.tableExists(self.location)
+        """Through SQL and the DataFrame reader only, which Spark Connect serves too (Delta's
+        Python `DeltaTable` API needs the Delta Connect plugin on a Connect server)."""
+        if not self.is_path:
+            return spark.catalog.tableExists(self.location)
+        try:
+            spark.read.format("delta").load(self.location).schema  # noqa: B018 (analysis only)
+        except AnalysisException:
+            return False
+        return True
 
-    def delta(self, spark: SparkSession) -> DeltaTable:
-        if self.is_path:
-            return DeltaTable.forPath(spark, self.location)
-        return DeltaTable.forName(spark, self.location)
-
-    def read(self, spark: SparkSession) -> DataFrame:
-        """The table's rows through the DataFrame reader (works over Spark Connect too)."""
-        if self.is_path:
-            return spark.read.format("delta").load(self.location)
-        return spark.read.table(self.location)
+    def read(self, spark: SparkSession, version: int | None = None) -> DataFrame:
+        """The table's rows (at `version`: Delta time travel), as SQL reads them."""
+        travel = f" VERSION AS OF {version}" if version is not None else ""
+        return spark.sql(f"SELECT * FROM {self.sql_name}{travel}")
 
     def version(self, spark: SparkSession) -> int:
-        return int(self.delta(spark).history(1).collect()[0]["version"])
+        return int(spark.sql(f"DESCRIBE HISTORY {self.sql_name} LIMIT 1").collect()[0]["version"])
+
+    def history(self, spark: SparkSession, after: int, newest: int | None = None
+                ) -> list[Commit]:
+        """The commits after version `after` (at most the `newest` ones), oldest first. Reads
+        only those commits of the log."""
+        limit = newest if newest is not None else self.version(spark) - after
+        if limit <= 0:
+            return []
+        rows = (spark.sql(f"DESCRIBE HISTORY {self.sql_name} LIMIT {limit}")
+                .where(F.col("version") > after)
+                .select("version", "operation", "userMetadata", "operationMetrics")
+                .orderBy("version").collect())
+        return [Commit(int(row["version"]), row["operation"], row["userMetadata"],
+                       dict(row["operationMetrics"] or {})) for row in rows]
 
     def properties(self, spark: SparkSession) -> dict[str, str]:
         rows = spark.sql(f"SHOW TBLPROPERTIES {self.sql_name}").collect()
         return {row["key"]: row["value"] for row in rows}
 
-    def write(self, df: DataFrame, mode: str) -> None:
+    def write(self, df: DataFrame, mode: str, tag: str | None = None,
+              merge_schema: bool = False) -> None:
+        """Append or overwrite; `tag` becomes the commit's userMetadata in the history;
+        `merge_schema` adds columns the table lacks."""
         writer = df.write.format("delta").mode(mode)
+        if tag:
+            writer = writer.option("userMetadata", tag)
+        if merge_schema:
+            writer = writer.option("mergeSchema", "true")
         if self.is_path:
             writer.save(self.location)
         else:
             writer.saveAsTable(self.location)
 
-    def create(self, spark: SparkSession, df: DataFrame, properties: dict[str, str]) -> None:
-        builder = DeltaTable.createIfNotExists(spark).addColumns(df.schema)
-        builder = builder.location(self.location) if self.is_path else builder.tableName(
-            self.location)
-        for key, value in properties.items():
-            builder = builder.property(key, value)
-        builder.execute()
+    def create(self, spark: SparkSession, ddl: str, properties: dict[str, str]) -> None:
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {self.sql_name} ({ddl}) USING delta"
+                  f"{_tblproperties(properties)}")
 
     def replace(self, df: DataFrame, properties: dict[str, str]) -> None:
         """Replace data, schema and properties in one commit (CREATE OR REPLACE TABLE AS
@@ -113,12 +131,42 @@ class TableRef:
         writer.createOrReplace()
 
     def set_properties(self, spark: SparkSession, properties: dict[str, str]) -> None:
-        assignments = ", ".join(f"'{k}' = '{_quote(v)}'" for k, v in properties.items())
-        spark.sql(f"ALTER TABLE {self.sql_name} SET TBLPROPERTIES ({assignments})")
+        spark.sql(f"ALTER TABLE {self.sql_name} SET{_tblproperties(properties)}")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One entry of a table's history."""
+
+    version: int
+    operation: str
+    user_metadata: str | None
+    metrics: dict[str, str]
+
+
+def _tblproperties(properties: dict[str, str]) -> str:
+    if not properties:
+        return ""
+    assignments = ", ".join(f"'{k}' = '{_quote(v)}'" for k, v in properties.items())
+    return f" TBLPROPERTIES ({assignments})"
 
 
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+# The same conflicts as Spark Connect reports them: by error class or Java class name.
+CONFLICT_NAMES = re.compile(r"DELTA_CONCURRENT_|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|"
+                            r"Concurrent\w+Exception|MetadataChangedException|"
+                            r"ProtocolChangedException")
+
+
+def is_commit_conflict(error: Exception) -> bool:
+    """A commit another writer won (classic Spark raises Delta's Python classes for these)."""
+    if isinstance(error, CONFLICTS):
+        return True
+    condition = getattr(error, "getCondition", lambda: None)()
+    return bool(CONFLICT_NAMES.search(f"{condition} {type(error).__name__} {error}"[:2000]))
 
 
 class CommitConflictError(RuntimeError):
@@ -131,7 +179,9 @@ def with_commit_retries(action: Callable[[], T], what: str, retries: int) -> T:
     for attempt in range(retries + 1):
         try:
             return action()
-        except CONFLICTS as error:
+        except Exception as error:
+            if not is_commit_conflict(error):
+                raise
             if attempt == retries:
                 raise CommitConflictError(
                     f"{what}: another writer changed the table {retries + 1} times in a row "
@@ -183,27 +233,45 @@ def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, 
         )
 
 
-def prepare_table(spark: SparkSession, table: TableRef, schema_df: DataFrame, mode: str,
+# What tables the pipeline creates get: a MERGE or DELETE then marks replaced rows in a deletion
+# vector instead of rewriting every file that holds one (delta-spark 3.1+).
+CREATION_PROPERTIES = {"delta.enableDeletionVectors": "true"}
+
+
+def prepare_table(spark: SparkSession, table: TableRef, ddl: str, mode: str,
                   properties: dict[str, str]) -> bool:
     """Create the vectors table with its model properties if missing, else check that it holds
     the same model (unless it is to be overwritten). True when it already existed."""
     if not table.exists(spark):
-        with_commit_retries(lambda: _create_unless_racing(spark, table, schema_df, properties),
-                            f"creating {table.location}", retries=3)
+        with_commit_retries(
+            lambda: _create_unless_racing(spark, table, ddl,
+                                          {**CREATION_PROPERTIES, **properties}),
+            f"creating {table.location}", retries=3)
         return False
     if mode != "overwrite":
         check_same_model(table, table.properties(spark), properties)
     return True
 
 
-def _create_unless_racing(spark: SparkSession, table: TableRef, schema_df: DataFrame,
+def deletion_vector_advice(table: TableRef, stored: dict[str, str]) -> str | None:
+    """For a table without deletion vectors: what each incremental write costs, and the one
+    command that upgrades it (a protocol upgrade, so the user's decision, not ours)."""
+    if stored.get("delta.enableDeletionVectors", "false").lower() == "true":
+        return None
+    return (f"{table.location} has no deletion vectors, so every MERGE rewrites each file that "
+            "holds a changed row. Upgrade it once (readers then need Delta 2.3+, delta-rs/"
+            "deltalake 0.19+, Databricks Runtime 12.2+): spark.sql(\"ALTER TABLE "
+            f"{table.sql_name} SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')\")")
+
+
+def _create_unless_racing(spark: SparkSession, table: TableRef, ddl: str,
                           properties: dict[str, str]) -> None:
     """Create the table. A concurrent creator leaves a `_delta_log` without a first commit for a
     moment, which Delta reports as a non-empty location or a missing table; wait for that
     commit instead of failing."""
     for attempt in range(5):
         try:
-            table.create(spark, schema_df, properties)
+            table.create(spark, ddl, properties)
             return
         except AnalysisException as error:
             if not RACING_CREATE.search(str(error.getCondition())) or attempt == 4:
@@ -223,11 +291,10 @@ def write_vectors(spark: SparkSession, table: TableRef, df: DataFrame, mode: str
     return table.version(spark)
 
 
-def label_missing_properties(spark: SparkSession, table: TableRef,
+def label_missing_properties(spark: SparkSession, table: TableRef, stored: dict[str, str],
                              properties: dict[str, str]) -> None:
     """Add the properties a table made by an older version of the pipeline lacks (the guard
     passed, so the rows were made this way), so that later runs are guarded on them too."""
-    stored = table.properties(spark)
     missing = {key: value for key, value in properties.items() if key not in stored}
     if missing:
         table.set_properties(spark, missing)
@@ -250,28 +317,113 @@ def replace_vectors(spark: SparkSession, table: TableRef, df: DataFrame,
     return table.version(spark)
 
 
+# --- incremental writes ----------------------------------------------------------------------
+
+KEY = "t.doc_id = s.doc_id AND t.chunk_index = s.chunk_index"
+USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
+# Commits that add no rows: they cannot have written a document an append wave also writes.
+NO_NEW_ROWS = frozenset({"OPTIMIZE", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES", "DELETE",
+                         "VACUUM START", "VACUUM END", "REORG", "CREATE TABLE"})
+
+
+@contextmanager
+def temp_view(frame: DataFrame) -> Iterator[str]:
+    """A uniquely named temporary view of `frame`, for SQL statements (MERGE INTO)."""
+    name = f"pipeline_source_{uuid.uuid4().hex[:12]}"
+    frame.createOrReplaceTempView(name)
+    try:
+        yield name
+    finally:
+        frame.sparkSession.catalog.dropTempView(name)
+
+
+@contextmanager
+def commit_tag(spark: SparkSession, tag: str) -> Iterator[None]:
+    """Label the SQL commits made inside with `tag` (the history's userMetadata)."""
+    spark.conf.set(USER_METADATA_CONF, tag)
+    try:
+        yield
+    finally:
+        spark.conf.unset(USER_METADATA_CONF)
+
+
 def merge_documents(spark: SparkSession, table: TableRef, chunks: DataFrame,
-                    doc_ids: DataFrame) -> None:
+                    doc_ids: DataFrame, tag: str) -> None:
     """Replace every listed document's chunks in one commit: upsert the new chunk rows by
     (doc_id, chunk_index) and delete the document's other chunks, so a document whose chunk
-    count shrank keeps none of its old tail. A listed document without chunks is deleted."""
-    current = table.delta(spark).toDF().select("doc_id", "chunk_index")
+    count shrank keeps none of its old tail. A listed document without chunks is deleted.
+    With deletion vectors, replaced rows are marked, not copied with their files."""
+    current = table.read(spark).select("doc_id", "chunk_index")
     stale = (current.join(doc_ids, "doc_id", "left_semi")
              .join(chunks.select("doc_id", "chunk_index"), ["doc_id", "chunk_index"],
                    "left_anti")
              .withColumn("_delete", F.lit(True)))
     source = (chunks.withColumn("_delete", F.lit(False))
               .unionByName(stale, allowMissingColumns=True))
-    columns = {name: f"s.{name}" for name in VECTOR_COLUMNS}
-    (table.delta(spark).alias("t")
-     .merge(source.alias("s"), "t.doc_id = s.doc_id AND t.chunk_index = s.chunk_index")
-     .whenMatchedDelete("s._delete")
-     .whenMatchedUpdate(set=columns)
-     .whenNotMatchedInsert(condition="NOT s._delete", values=columns)
-     .execute())
+    updates = ", ".join(f"{name} = s.{name}" for name in VECTOR_COLUMNS)
+    values = ", ".join(f"s.{name}" for name in VECTOR_COLUMNS)
+    with temp_view(source) as view, commit_tag(spark, tag):
+        spark.sql(f"MERGE INTO {table.sql_name} t USING {view} s ON {KEY} "
+                  "WHEN MATCHED AND s._delete THEN DELETE "
+                  f"WHEN MATCHED THEN UPDATE SET {updates} "
+                  f"WHEN NOT MATCHED AND NOT s._delete THEN INSERT ({', '.join(VECTOR_COLUMNS)}) "
+                  f"VALUES ({values})")
 
 
-def delete_documents(spark: SparkSession, table: TableRef, doc_ids: DataFrame) -> None:
-    """Delete every chunk of the listed documents in one commit."""
-    (table.delta(spark).alias("t").merge(doc_ids.alias("s"), "t.doc_id = s.doc_id")
-     .whenMatchedDelete().execute())
+def delete_documents(spark: SparkSession, table: TableRef, doc_ids: DataFrame, tag: str,
+                     only_run: str | None = None) -> None:
+    """Delete every chunk of the listed documents (only those a given run wrote, with
+    `only_run`) in one commit."""
+    condition = "t.doc_id = s.doc_id" + (f" AND t.run_id = '{_quote(only_run)}'"
+                                         if only_run else "")
+    with temp_view(doc_ids.select("doc_id").distinct()) as view, commit_tag(spark, tag):
+        spark.sql(f"MERGE INTO {table.sql_name} t USING {view} s ON {condition} "
+                  "WHEN MATCHED THEN DELETE")
+
+
+def append_documents(spark: SparkSession, table: TableRef, chunks: DataFrame, tag: str) -> int:
+    """Insert chunks of documents the plan found absent: a blind append, which reads nothing
+    of the table. Returns the version it committed (found by its tag)."""
+    table.write(chunks, "append", tag=tag)
+    for newest in (64, None):  # the newest commits first; the whole log if others piled on
+        found = [c.version for c in table.history(spark, -1, newest=newest)
+                 if c.user_metadata == tag]
+        if found:
+            return found[-1]
+    raise RuntimeError(f"{table.location}: the append tagged {tag} is not in the history")
+
+
+def drop_overlapping_rows(spark: SparkSession, table: TableRef, chunks: DataFrame, tag: str,
+                          appended_at: int, planned_at: int, own_tags: set[str]) -> int:
+    """A blind append does not conflict with a concurrent writer that added the same documents.
+    So after it, if anything but this run's own appends committed between the plan's version
+    and the append, this run's rows of documents another writer had already written are deleted
+    (that writer's rows stay): of any writers appending one document, the earliest commit wins,
+    and no key is doubled. Returns how many documents were handed over."""
+    between = [c for c in table.history(spark, planned_at) if c.version < appended_at]
+    if not any(_adds_rows(c, own_tags) for c in between):
+        return 0
+    run_id = tag.split(":")[0]
+    others = (table.read(spark, appended_at - 1).where(F.col("run_id") != run_id)
+              .select("doc_id").distinct()
+              .join(chunks.select("doc_id").distinct(), "doc_id", "left_semi")).persist()
+    try:
+        count = others.count()
+        if count:
+            log.warning("%s: %d documents were written by another writer first; removing this "
+                        "run's rows of them", tag, count)
+            delete_documents(spark, table, others, f"{tag}:overlap", only_run=run_id)
+        return count
+    finally:
+        others.unpersist()
+
+
+def foreign_commits_since(spark: SparkSession, table: TableRef, version: int,
+                          own_tags: set[str]) -> bool:
+    """Whether another writer has committed rows since `version` (a run's own appends and
+    commits that add no rows do not count)."""
+    return any(_adds_rows(c, own_tags) for c in table.history(spark, version))
+
+
+def _adds_rows(commit: Commit, own_tags: set[str]) -> bool:
+    return commit.user_metadata not in own_tags and commit.operation not in NO_NEW_ROWS

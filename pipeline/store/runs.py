@@ -33,19 +33,10 @@ def write_rejects(spark: SparkSession, table: TableRef, flagged: DataFrame, run_
                        F.current_timestamp().alias("rejected_at"),
                        "source_file"))
     target = table.sibling("_rejects")
-    with_commit_retries(lambda: append_merging_schema(target, rejects), "writing rejects",
-                        retries=3)
+    # merge_schema: `<output>_rejects` tables from before `source_file` take the new rows
+    with_commit_retries(lambda: target.write(rejects, "append", merge_schema=True),
+                        "writing rejects", retries=3)
     log.warning("run %s: %d rows rejected, see %s", run_id, count, target.location)
-
-
-def append_merging_schema(table: TableRef, rows: DataFrame) -> None:
-    """Append, adding the columns a table written by an older version lacks (Delta schema
-    merge): `<output>_rejects` tables from before `source_file` take the new rows."""
-    writer = rows.write.format("delta").mode("append").option("mergeSchema", "true")
-    if table.is_path:
-        writer.save(table.location)
-    else:
-        writer.saveAsTable(table.location)
 
 
 def append_run(spark: SparkSession, table: TableRef, record: dict) -> None:
