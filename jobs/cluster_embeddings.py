@@ -9,16 +9,19 @@ the last stdout line is the report as JSON."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import sys
 
 from pipeline.cluster import ALGORITHMS, run_clustering
-from pipeline.config import SparkSettings
+from pipeline.config import SettingsError, add_profile_arguments, load_settings
 from pipeline.logs import configure_job_logging, print_json_result
-from pipeline.spark.session import get_spark
+from pipeline.spark.session import get_spark, is_connect
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_profile_arguments(parser, model_help=None)
     parser.add_argument("--vectors", required=True, help="the vectors table (path or name)")
     parser.add_argument("--output", required=True,
                         help="prefix of the assignments and centroids tables")
@@ -37,9 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     if not ks or min(ks) < 2:
         print("error: --k needs values of at least 2", file=sys.stderr)
         return 2
-    spark = get_spark(SparkSettings(app_name="cluster-embeddings"))
-    report = run_clustering(spark, args.vectors, args.output, ks, args.algorithm, args.plot,
-                            args.seed)
+    try:
+        settings = load_settings(args.config, args.overrides, require_io=False)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    spark = get_spark(dataclasses.replace(settings.spark, app_name="cluster-embeddings"))
+    try:
+        report = run_clustering(spark, args.vectors, args.output, ks, args.algorithm, args.plot,
+                                args.seed)
+    finally:
+        if is_connect(spark):
+            # MLlib models over Spark Connect release their server-side copies when collected;
+            # at interpreter exit that call would wait forever on the closing channel.
+            gc.collect()
+            spark.stop()
     print(f"k={report.k} silhouette (cosine)={report.silhouette}")
     for cluster, size in report.sizes.items():
         print(f"cluster {cluster}: {size} chunks; terms: "

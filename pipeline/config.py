@@ -119,6 +119,8 @@ class ChunkSettings:
 @dataclass(frozen=True)
 class SparkSettings:
     master: str = "local[*]"
+    # A Spark Connect server (`sc://host:15002`); default: the SPARK_REMOTE environment variable.
+    remote: str | None = None
     app_name: str = "embed-corpus"
     partitions: int | None = None
     arrow_batch_rows: int = 10000
@@ -153,6 +155,17 @@ def add_profile_arguments(parser: argparse.ArgumentParser,
                         help="profile name in conf/ or a YAML path (default: local)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override any setting; repeatable")
+    parser.add_argument("--remote", dest="overrides", action=_SetRemote, metavar="sc://HOST:PORT",
+                        help="run on a Spark Connect server (sets spark.remote; default: "
+                             "$SPARK_REMOTE)")
+
+
+class _SetRemote(argparse.Action):
+    """`--remote URL` is `--set spark.remote=URL`."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        overrides = list(getattr(namespace, self.dest) or [])
+        setattr(namespace, self.dest, [*overrides, f"spark.remote={values}"])
 
 
 def profile_path(profile: str) -> Path:
