@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from pipeline.config import SettingsError, add_profile_arguments, load_settings
-from pipeline.logs import configure_job_logging
+from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.spark.session import get_spark
 from pipeline.store.compact import compact
 from pipeline.store.delta import CommitConflictError, TableRef
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError, CommitConflictError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report.to_json(), flush=True)
+    print_json_result(report.to_json())
     return 0
 
 
