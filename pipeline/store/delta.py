@@ -267,18 +267,19 @@ def deletion_vector_advice(table: TableRef, stored: dict[str, str]) -> str | Non
 def _create_unless_racing(spark: SparkSession, table: TableRef, ddl: str,
                           properties: dict[str, str]) -> None:
     """Create the table. A concurrent creator leaves a `_delta_log` without a first commit for a
-    moment, which Delta reports as a non-empty location or a missing table; wait for that
-    commit instead of failing."""
-    for attempt in range(5):
+    moment, which Delta reports as a non-empty location or a missing table (or, for CREATE TABLE
+    IF NOT EXISTS, takes for a table); wait for that commit instead of failing."""
+    for attempt in range(10):
         try:
             table.create(spark, ddl, properties)
-            return
         except AnalysisException as error:
-            if not RACING_CREATE.search(str(error.getCondition())) or attempt == 4:
+            if not RACING_CREATE.search(str(error.getCondition())) or attempt == 9:
                 raise
-            time.sleep(1.0)
-            if table.exists(spark):
-                return
+        if table.exists(spark):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"{table.location}: another writer's creation of the table never "
+                       "committed; remove its _delta_log folder if nothing writes it")
 
 
 def write_vectors(spark: SparkSession, table: TableRef, df: DataFrame, mode: str,
