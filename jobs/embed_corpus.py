@@ -8,6 +8,7 @@ The last line on stdout is the run summary as one JSON object."""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -21,7 +22,8 @@ from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.model.spec import ModelSpecError
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
-from pipeline.store.delta import CommitConflictError, ModelMismatchError
+from pipeline.store.compact import compact
+from pipeline.store.delta import CommitConflictError, ModelMismatchError, TableRef
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also write the run summary JSON to this file (for schedulers)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (new, changed, unchanged, deleted) and write nothing")
+    parser.add_argument("--compact", action="store_true",
+                        help="after a successful run, compact the table (OPTIMIZE, purge "
+                             "deletion vectors; as jobs/compact_table.py does)")
     return parser.parse_args(argv)
 
 
@@ -67,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         spark = get_spark(settings.spark)
         exit_on_sigterm(spark)
         summary = run_embedding(spark, settings, dry_run=args.dry_run)
+        if args.compact and not args.dry_run:
+            report = compact(spark, TableRef.parse(settings.output.path),
+                             retries=settings.output.commit_retries)
+            logging.getLogger("pipeline.embed").info("compacted: %s", report.to_json())
     except (SettingsError, InputError, ModelSpecError, ModelMismatchError,
             CommitConflictError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -32,16 +32,18 @@ from pipeline.store.delta import (
     VECTOR_DDL,
     TableRef,
     append_documents,
+    appends_blindly,
     check_same_model,
     delete_documents,
-    deletion_vector_advice,
     drop_overlapping_rows,
     foreign_commits_since,
+    keep_one_copy,
     label_missing_properties,
     merge_documents,
     prepare_table,
     relabels,
     replace_vectors,
+    upgrade_advice,
     with_commit_retries,
     write_vectors,
 )
@@ -51,7 +53,7 @@ log = logging.getLogger("pipeline.embed")
 
 DUPLICATE_FAILS = "duplicate id (input.duplicates=fail)"
 # "duplicated": a document stored twice (a writer killed between its append and its overlap
-# check, while another wrote the same document); its rows are deleted and it is embedded again.
+# check, while another wrote the same document); one copy is kept and it is embedded again.
 TO_MERGE = ("changed", "duplicated")
 TO_EMBED = ("new", *TO_MERGE)
 
@@ -66,7 +68,7 @@ class RunPlan:
     changed: int = 0
     unchanged: int = 0
     deleted: int = 0
-    duplicated: int = 0  # of the changed: stored more than once, re-embedded
+    duplicated: int = 0  # stored more than once: one copy kept, re-embedded if in the source
     delete_missing: bool = True
     waves: int = 0
 
@@ -132,7 +134,8 @@ class Run:
     plan: RunPlan = field(default_factory=RunPlan)
     written: ChunkTotals = field(default_factory=ChunkTotals)
     version: int | None = None  # the last version this run committed
-    planned_at: int = -1  # the table version the plan read
+    planned_at: int = -1  # the table version the plan read (-1: a table this run created)
+    blind_appends: bool = False  # whether new documents are appended without a MERGE
     writing: bool = False  # past the checks and the plan: rows may have been committed
 
     @property
@@ -276,18 +279,19 @@ def _run(run: Run, flagged: DataFrame) -> RunSummary:
     if existed and incremental:
         stored = run.table.properties(run.spark)
         label_missing_properties(run.spark, run.table, stored, properties)
-        advice = deletion_vector_advice(run.table, stored)
+        advice = upgrade_advice(run.table, stored)
         if advice:
             log.warning(advice)
-    if incremental:
         run.planned_at = run.table.version(run.spark)
+    if incremental:
+        run.blind_appends = appends_blindly(run.table.properties(run.spark))
     run.plan, planned = make_plan(run, flagged, table_exists=existed and incremental)
     log.info("run %s (%s) planned after %.1fs: %s", run.run_id, mode, run.elapsed,
              json.dumps(asdict(run.plan), sort_keys=True))
     write_rejects(run.spark, run.table, flagged, run.run_id, run.plan.rejected)
     run.writing = True
     if run.plan.duplicated:
-        _delete_duplicated(run, planned)
+        _keep_one_copy(run, planned)
     with released(planned):
         if incremental:
             embed_in_waves(run, planned)
@@ -385,11 +389,14 @@ def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan
                        F.count(F.lit(1)).alias("copies")))
         planned = source.join(stored, "doc_id", "full_outer").withColumn("status", _status())
     else:
-        planned = source.withColumn("status", F.lit("new"))
+        planned = source.withColumn("status", F.lit("new")).withColumn("copies", F.lit(0))
     planned = (planned.withColumn("text", F.when(F.col("status").isin(*TO_EMBED), F.col("text")))
-               .select("doc_id", "text", "content_hash", "status")
+               .withColumn("doubled", F.coalesce(F.col("copies") > 1, F.lit(False)))
+               .select("doc_id", "text", "content_hash", "status", "doubled")
                .persist(StorageLevel.DISK_ONLY))
-    counts = {row["status"]: row["count"] for row in planned.groupBy("status").count().collect()}
+    counted = planned.groupBy("status", "doubled").count().collect()
+    counts = {status: sum(row["count"] for row in counted if row["status"] == status)
+              for status in {row["status"] for row in counted}}
     rejected = flagged.where(F.col("reject_reason").isNotNull()).count()
     plan = RunPlan(
         rejected=rejected,
@@ -397,7 +404,7 @@ def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan
         changed=sum(counts.get(status, 0) for status in TO_MERGE),
         unchanged=counts.get("unchanged", 0),
         deleted=counts.get("deleted", 0),
-        duplicated=counts.get("duplicated", 0),
+        duplicated=sum(row["count"] for row in counted if row["doubled"]),
         delete_missing=run.settings.output.deletes_missing(run.settings.input.snapshot),
     )
     plan.documents_read = plan.to_embed + plan.unchanged + rejected
@@ -417,14 +424,17 @@ def _status() -> Column:
             .otherwise(F.lit("changed")))
 
 
-def _delete_duplicated(run: Run, planned: DataFrame) -> None:
-    """Documents stored twice lose all their rows before the waves, which embed them again."""
-    doubled = planned.where(F.col("status") == "duplicated").select("doc_id")
-    log.warning("run %s: documents stored more than once (a writer was killed between its "
-                "append and its overlap check); re-embedding them", run.run_id)
-    with_commit_retries(lambda: delete_documents(run.spark, run.table, doubled,
-                                                 f"{run.run_id}:duplicates"),
-                        "deleting documents stored twice", run.settings.output.commit_retries)
+def _keep_one_copy(run: Run, planned: DataFrame) -> None:
+    """Documents stored twice keep one copy before the waves; those still in the source are
+    embedded again, those missing from it are then deleted or kept as the snapshot says."""
+    doubled = planned.where(F.col("doubled")).select("doc_id")
+    log.warning("run %s: %d documents stored more than once (a writer was killed between its "
+                "append and its overlap check); keeping one copy", run.run_id,
+                run.plan.duplicated)
+    with_commit_retries(
+        lambda: keep_one_copy(run.spark, run.table, doubled, run.planned_at,
+                              f"{run.run_id}:duplicates"),
+        "removing second copies", run.settings.output.commit_retries)
 
 
 @dataclass
@@ -470,7 +480,7 @@ def embed_in_waves(run: Run, planned: DataFrame) -> None:
             totals = _observed_totals(chunks)
             committing = run.elapsed
             tag = f"{run.run_id}:{wave.tag}"
-            if wave.kind == "append" and not foreign_commits_since(
+            if wave.kind == "append" and run.blind_appends and not foreign_commits_since(
                     run.spark, run.table, run.planned_at, own_tags):
                 _append_wave(run, chunks, tag, own_tags)
             else:

@@ -253,6 +253,7 @@ def test_two_concurrent_runs_leave_one_valid_table(spark, base_run, tmp_path):
     for thread in threads:
         thread.join()
     assert all("another writer" in str(e) for e in errors), errors
+    assert not table_frame(target).duplicated(["doc_id", "chunk_index"]).any()
     rerun = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS)
     assert rerun.documents_embedded == 0 or errors
     embed(spark, folder / "v1.jsonl", tmp_path / "clean", *SMALL_CHUNKS)
@@ -330,6 +331,7 @@ def test_two_jobs_in_separate_processes_leave_one_valid_table(tmp_path, sample_d
     for code, log in zip(codes, logs, strict=True):
         assert code == 0 or (code == 2 and "another writer" in log.read_text()), \
             log.read_text()[-3000:]
+    assert not table_frame(target).duplicated(["doc_id", "chunk_index"]).any()
     rerun = run_job(command, target)
     if all(code == 0 for code in codes):
         assert rerun["documents_embedded"] == 0

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from jobs import compact_table
+from jobs import compact_table, embed_corpus
 from pipeline.store.delta import TableRef, append_documents, drop_overlapping_rows
 from tests.conftest import delta_rows, write_jsonl
 from tests.test_incremental import SMALL_CHUNKS, assert_same_table, table_frame
@@ -158,6 +158,34 @@ def test_a_document_stored_twice_is_re_embedded_once(spark, base, docs, tmp_path
     assert (summary.documents_changed, summary.documents_embedded) == (1, 1)
     embed(spark, folder / "v1.jsonl", tmp_path / "fresh", *SMALL_CHUNKS)
     assert_same_table(table_frame(folder / "vectors"), table_frame(tmp_path / "fresh"))
+
+
+def test_a_document_stored_twice_and_missing_from_a_partial_source_is_kept_once(
+        spark, base, docs):
+    folder, _ = base
+    table = TableRef.parse(str(folder / "vectors"))
+    gone = docs[7]["_id"]
+    doubled = table.read(spark).where(F.col("doc_id") == gone).localCheckpoint()
+    table.write(doubled.withColumn("run_id", F.lit("killed")), "append")
+    partial = write_jsonl(folder / "partial.jsonl", [d for d in docs if d["_id"] != gone])
+    summary = embed(spark, partial, folder / "vectors", *SMALL_CHUNKS, "output.wave_docs=20",
+                    "input.snapshot=partial")
+    assert summary.documents_embedded == 0
+    rows = table_frame(folder / "vectors")
+    assert not rows.duplicated(["doc_id", "chunk_index"]).any()
+    assert (rows.doc_id == gone).sum() == len(doubled.collect()) > 0
+
+
+def test_the_embedding_job_compacts_after_its_run_when_asked(base, docs, capsys):
+    folder, _ = base
+    source = changed_source(folder, docs)
+    assert embed_corpus.main(["--input", str(source), "--output", str(folder / "vectors"),
+                              *[arg for pair in SMALL_CHUNKS for arg in ("--set", pair)],
+                              "--compact"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["documents_new"] == 1
+    assert files_with_deletion_vectors(folder / "vectors") == 0
+    runs = delta_rows(f"{folder / 'vectors'}_runs")
+    assert runs["mode"].tolist().count("compact") == 1
 
 
 def test_compaction_merges_files_purges_deletion_vectors_and_is_recorded(

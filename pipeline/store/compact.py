@@ -22,7 +22,7 @@ class CompactionReport:
     table: str
     run_id: str
     zorder_by_doc_id: bool
-    purged_deletion_vectors: bool
+    purge_deletion_vectors: bool
     files_before: int
     files_after: int
     bytes_before: int
@@ -43,31 +43,38 @@ def table_files(spark: SparkSession, table: TableRef) -> tuple[int, int]:
 def compact(spark: SparkSession, table: TableRef, zorder_by_doc_id: bool = False,
             purge_deletion_vectors: bool = True, retries: int = 3) -> CompactionReport:
     """OPTIMIZE (ZORDER BY doc_id when asked), then purge deletion vectors; recorded as a run
-    with mode `compact`. The rows read the same before and after."""
+    with mode `compact`, a failed one too. The rows read the same before and after."""
     if not table.exists(spark):
         raise FileNotFoundError(f"no Delta table at {table.location}")
     run_id, started, clock = uuid.uuid4().hex[:16], datetime.now(timezone.utc), time.perf_counter()
-    files_before, bytes_before = table_files(spark, table)
-    zorder = " ZORDER BY (doc_id)" if zorder_by_doc_id else ""
-    with_commit_retries(lambda: spark.sql(f"OPTIMIZE {table.sql_name}{zorder}").collect(),
-                        f"compacting {table.location}", retries)
-    if purge_deletion_vectors:
-        with_commit_retries(
-            lambda: spark.sql(f"REORG TABLE {table.sql_name} APPLY (PURGE)").collect(),
-            f"purging deletion vectors of {table.location}", retries)
-    files_after, bytes_after = table_files(spark, table)
+    options = {"zorder_by_doc_id": zorder_by_doc_id,
+               "purge_deletion_vectors": purge_deletion_vectors}
+
+    def record(status: str, report: CompactionReport | None, error: str | None) -> None:
+        append_run(spark, table, {
+            "run_id": run_id, "started_at": started, "ended_at": datetime.now(timezone.utc),
+            "status": status, "mode": "compact", "plan": report.to_json() if report else None,
+            "chunks_written": 0, "tokens": 0, "seconds": round(time.perf_counter() - clock, 2),
+            "model_fingerprint": table.properties(spark).get("pipeline.model_fingerprint"),
+            "config": json.dumps(options), "table_version": table.version(spark),
+            "error": error})
+
+    try:
+        files_before, bytes_before = table_files(spark, table)
+        zorder = " ZORDER BY (doc_id)" if zorder_by_doc_id else ""
+        with_commit_retries(lambda: spark.sql(f"OPTIMIZE {table.sql_name}{zorder}").collect(),
+                            f"compacting {table.location}", retries)
+        if purge_deletion_vectors:
+            with_commit_retries(
+                lambda: spark.sql(f"REORG TABLE {table.sql_name} APPLY (PURGE)").collect(),
+                f"purging deletion vectors of {table.location}", retries)
+        files_after, bytes_after = table_files(spark, table)
+    except Exception as error:
+        record("failed", None, repr(error))
+        raise
     report = CompactionReport(
-        table=table.location, run_id=run_id, zorder_by_doc_id=zorder_by_doc_id,
-        purged_deletion_vectors=purge_deletion_vectors, files_before=files_before,
+        table=table.location, run_id=run_id, **options, files_before=files_before,
         files_after=files_after, bytes_before=bytes_before, bytes_after=bytes_after,
         seconds=round(time.perf_counter() - clock, 2), table_version=table.version(spark))
-    append_run(spark, table, {
-        "run_id": run_id, "started_at": started, "ended_at": datetime.now(timezone.utc),
-        "status": "succeeded", "mode": "compact", "plan": report.to_json(),
-        "chunks_written": 0, "tokens": 0, "seconds": report.seconds,
-        "model_fingerprint": table.properties(spark).get("pipeline.model_fingerprint"),
-        "config": json.dumps({"zorder_by_doc_id": zorder_by_doc_id,
-                              "purge_deletion_vectors": purge_deletion_vectors}),
-        "table_version": report.table_version, "error": None,
-    })
+    record("succeeded", report, None)
     return report

@@ -62,7 +62,9 @@ class TableRef:
 
     @property
     def sql_name(self) -> str:
-        return f"delta.`{self.location}`" if self.is_path else self.location
+        if self.is_path:
+            return "delta.`" + self.location.replace("`", "``") + "`"
+        return self.location
 
     def sibling(self, suffix: str) -> TableRef:
         return TableRef(self.location.rstrip("/") + suffix)
@@ -88,17 +90,20 @@ class TableRef:
 
     def history(self, spark: SparkSession, after: int, newest: int | None = None
                 ) -> list[Commit]:
-        """The commits after version `after` (at most the `newest` ones), oldest first. Reads
-        only those commits of the log."""
-        limit = newest if newest is not None else self.version(spark) - after
-        if limit <= 0:
-            return []
-        rows = (spark.sql(f"DESCRIBE HISTORY {self.sql_name} LIMIT {limit}")
-                .where(F.col("version") > after)
-                .select("version", "operation", "userMetadata", "operationMetrics")
-                .orderBy("version").collect())
-        return [Commit(int(row["version"]), row["operation"], row["userMetadata"],
-                       dict(row["operationMetrics"] or {})) for row in rows]
+        """The commits after version `after` (only the `newest` ones when given), oldest first.
+        Reads only the newest commits of the log, more while others commit meanwhile."""
+        limit = newest or max(self.version(spark) - after, 0) + 8
+        while True:
+            rows = (spark.sql(f"DESCRIBE HISTORY {self.sql_name} LIMIT {limit}")
+                    .select("version", "operation", "userMetadata", "operationMetrics")
+                    .collect())
+            versions = [int(row["version"]) for row in rows]
+            if newest or len(rows) < limit or min(versions) <= after + 1:
+                break
+            limit *= 2  # commits landed between the version read and the history read
+        commits = [Commit(int(row["version"]), row["operation"], row["userMetadata"],
+                          dict(row["operationMetrics"] or {})) for row in rows]
+        return sorted((c for c in commits if c.version > after), key=lambda c: c.version)
 
     def properties(self, spark: SparkSession) -> dict[str, str]:
         rows = spark.sql(f"SHOW TBLPROPERTIES {self.sql_name}").collect()
@@ -155,17 +160,27 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-# The same conflicts as Spark Connect reports them: by error class or Java class name.
-CONFLICT_NAMES = re.compile(r"DELTA_CONCURRENT_|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|"
-                            r"Concurrent\w+Exception|MetadataChangedException|"
-                            r"ProtocolChangedException")
+# The same conflicts as Spark Connect reports them: by error class or Delta's class name.
+CONFLICT_NAMES = re.compile(
+    r"DELTA_CONCURRENT_|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|Concurrent(Append|"
+    r"DeleteRead|DeleteDelete|Transaction|Write)Exception|MetadataChangedException|"
+    r"ProtocolChangedException|DeltaConcurrentModificationException")
+
+
+def error_condition(error: Exception) -> str | None:
+    """Spark's error class (getCondition in Spark 4, getErrorClass in 3.5)."""
+    for name in ("getCondition", "getErrorClass"):
+        method = getattr(error, name, None)
+        if method is not None:
+            return method()
+    return None
 
 
 def is_commit_conflict(error: Exception) -> bool:
     """A commit another writer won (classic Spark raises Delta's Python classes for these)."""
     if isinstance(error, CONFLICTS):
         return True
-    condition = getattr(error, "getCondition", lambda: None)()
+    condition = error_condition(error)
     return bool(CONFLICT_NAMES.search(f"{condition} {type(error).__name__} {error}"[:2000]))
 
 
@@ -234,34 +249,49 @@ def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, 
 
 
 # What tables the pipeline creates get: a MERGE or DELETE then marks replaced rows in a deletion
-# vector instead of rewriting every file that holds one (delta-spark 3.1+).
-CREATION_PROPERTIES = {"delta.enableDeletionVectors": "true"}
+# vector instead of rewriting every file that holds one (delta-spark 3.1+); and Serializable
+# isolation, under which a MERGE conflicts with a concurrent blind append of rows it should have
+# read (WriteSerializable lets both commit), so new documents can be appended blindly.
+CREATION_PROPERTIES = {"delta.enableDeletionVectors": "true",
+                       "delta.isolationLevel": "Serializable"}
 
 
 def prepare_table(spark: SparkSession, table: TableRef, ddl: str, mode: str,
                   properties: dict[str, str]) -> bool:
-    """Create the vectors table with its model properties if missing, else check that it holds
-    the same model (unless it is to be overwritten). True when it already existed."""
-    if not table.exists(spark):
+    """Create the vectors table with its model properties if missing; then check that it holds
+    the same model (unless it is to be overwritten: another process may have created it in
+    the meantime). True when it already existed."""
+    existed = table.exists(spark)
+    if not existed:
         with_commit_retries(
             lambda: _create_unless_racing(spark, table, ddl,
                                           {**CREATION_PROPERTIES, **properties}),
             f"creating {table.location}", retries=3)
-        return False
     if mode != "overwrite":
         check_same_model(table, table.properties(spark), properties)
-    return True
+    return existed
 
 
-def deletion_vector_advice(table: TableRef, stored: dict[str, str]) -> str | None:
-    """For a table without deletion vectors: what each incremental write costs, and the one
-    command that upgrades it (a protocol upgrade, so the user's decision, not ours)."""
-    if stored.get("delta.enableDeletionVectors", "false").lower() == "true":
+def appends_blindly(stored: dict[str, str]) -> bool:
+    """Whether new documents may be appended without a MERGE: only under Serializable
+    isolation (see CREATION_PROPERTIES); other tables insert them by MERGE, as before."""
+    return stored.get("delta.isolationLevel") == "Serializable"
+
+
+def upgrade_advice(table: TableRef, stored: dict[str, str]) -> str | None:
+    """For a table made without CREATION_PROPERTIES: what each incremental write costs, and the
+    one command that upgrades it (deletion vectors are a protocol upgrade, so the user's
+    decision, not ours)."""
+    missing = {key: value for key, value in CREATION_PROPERTIES.items()
+               if stored.get(key, "").lower() != value.lower()}
+    if not missing:
         return None
-    return (f"{table.location} has no deletion vectors, so every MERGE rewrites each file that "
-            "holds a changed row. Upgrade it once (readers then need Delta 2.3+, delta-rs/"
-            "deltalake 0.19+, Databricks Runtime 12.2+): spark.sql(\"ALTER TABLE "
-            f"{table.sql_name} SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')\")")
+    assignments = ", ".join(f"'{key}' = '{value}'" for key, value in missing.items())
+    return (f"{table.location} lacks {', '.join(missing)}: every MERGE rewrites each file that "
+            "holds a changed row, and new documents are inserted by MERGE, which joins the whole "
+            "table. Upgrade it once with this SQL (readers then need delta-spark 2.3+, "
+            "Databricks Runtime 12.2+, or delta-rs through DataFusion): "
+            f"ALTER TABLE {table.sql_name} SET TBLPROPERTIES ({assignments})")
 
 
 def _create_unless_racing(spark: SparkSession, table: TableRef, ddl: str,
@@ -273,7 +303,7 @@ def _create_unless_racing(spark: SparkSession, table: TableRef, ddl: str,
         try:
             table.create(spark, ddl, properties)
         except AnalysisException as error:
-            if not RACING_CREATE.search(str(error.getCondition())) or attempt == 9:
+            if not RACING_CREATE.search(str(error_condition(error))) or attempt == 9:
                 raise
         if table.exists(spark):
             return
@@ -325,6 +355,9 @@ USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that add no rows: they cannot have written a document an append wave also writes.
 NO_NEW_ROWS = frozenset({"OPTIMIZE", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES", "DELETE",
                          "VACUUM START", "VACUUM END", "REORG", "CREATE TABLE"})
+# The metric that counts the rows a commit added, by operation (a MERGE's updates add no key).
+ROWS_ADDED = {"WRITE": "numOutputRows", "MERGE": "numTargetRowsInserted",
+              "UPDATE": None, "STREAMING UPDATE": "numOutputRows"}
 
 
 @contextmanager
@@ -340,12 +373,25 @@ def temp_view(frame: DataFrame) -> Iterator[str]:
 
 @contextmanager
 def commit_tag(spark: SparkSession, tag: str) -> Iterator[None]:
-    """Label the SQL commits made inside with `tag` (the history's userMetadata)."""
+    """Label the SQL commits made inside with `tag` (the history's userMetadata), for people
+    reading the history. A session setting: runs sharing one session in threads may label each
+    other's commits, so nothing decides by these labels (appends carry theirs as a write
+    option). Not restored after an interrupt, whose Py4J connection holds a stale answer."""
+    previous = spark.conf.get(USER_METADATA_CONF, None)
     spark.conf.set(USER_METADATA_CONF, tag)
     try:
         yield
-    finally:
-        spark.conf.unset(USER_METADATA_CONF)
+    except Exception:
+        _set_conf(spark, USER_METADATA_CONF, previous)
+        raise
+    _set_conf(spark, USER_METADATA_CONF, previous)
+
+
+def _set_conf(spark: SparkSession, key: str, value: str | None) -> None:
+    if value is None:
+        spark.conf.unset(key)
+    else:
+        spark.conf.set(key, value)
 
 
 def merge_documents(spark: SparkSession, table: TableRef, chunks: DataFrame,
@@ -354,7 +400,7 @@ def merge_documents(spark: SparkSession, table: TableRef, chunks: DataFrame,
     (doc_id, chunk_index) and delete the document's other chunks, so a document whose chunk
     count shrank keeps none of its old tail. A listed document without chunks is deleted.
     With deletion vectors, replaced rows are marked, not copied with their files."""
-    current = table.read(spark).select("doc_id", "chunk_index")
+    current = table.read(spark).select("doc_id", "chunk_index").distinct()
     stale = (current.join(doc_ids, "doc_id", "left_semi")
              .join(chunks.select("doc_id", "chunk_index"), ["doc_id", "chunk_index"],
                    "left_anti")
@@ -380,6 +426,19 @@ def delete_documents(spark: SparkSession, table: TableRef, doc_ids: DataFrame, t
     with temp_view(doc_ids.select("doc_id").distinct()) as view, commit_tag(spark, tag):
         spark.sql(f"MERGE INTO {table.sql_name} t USING {view} s ON {condition} "
                   "WHEN MATCHED THEN DELETE")
+
+
+def keep_one_copy(spark: SparkSession, table: TableRef, doubled: DataFrame, version: int,
+                  tag: str) -> None:
+    """Documents stored more than once (by two writers, one killed between its append and its
+    overlap check): keep the rows of one run per document (each run wrote whole documents),
+    chosen the same way by every reader of `version`, and delete the others in one commit."""
+    keep = (table.read(spark, version).where(F.col("chunk_index") == 0)
+            .join(doubled.select("doc_id"), "doc_id", "left_semi")
+            .groupBy("doc_id").agg(F.max("run_id").alias("keep")))
+    with temp_view(keep) as view, commit_tag(spark, tag):
+        spark.sql(f"MERGE INTO {table.sql_name} t USING {view} s "
+                  "ON t.doc_id = s.doc_id AND NOT (t.run_id <=> s.keep) WHEN MATCHED THEN DELETE")
 
 
 def append_documents(spark: SparkSession, table: TableRef, chunks: DataFrame, tag: str) -> int:
@@ -427,4 +486,11 @@ def foreign_commits_since(spark: SparkSession, table: TableRef, version: int,
 
 
 def _adds_rows(commit: Commit, own_tags: set[str]) -> bool:
-    return commit.user_metadata not in own_tags and commit.operation not in NO_NEW_ROWS
+    """Whether a commit may have added rows another run's append also holds: not this run's own
+    appends (tagged by write option), nor commits that add none; by their metrics where known."""
+    if commit.user_metadata in own_tags or commit.operation in NO_NEW_ROWS:
+        return False
+    metric = ROWS_ADDED.get(commit.operation, "unknown")
+    if metric == "unknown":
+        return True
+    return metric is not None and int(commit.metrics.get(metric, "1") or 1) > 0
