@@ -213,7 +213,7 @@ def read_vectors(spark: SparkSession, location: str) -> tuple[DataFrame, dict[st
     table = TableRef.parse(location)
     if not table.exists(spark):
         raise FileNotFoundError(f"no Delta table at {table.location}")
-    return table.delta(spark).toDF(), table.properties(spark)
+    return table.read(spark), table.properties(spark)
 
 
 # --- queries -------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def table_model_settings(spark: SparkSession, location: str) -> ModelSettings | 
     runs = TableRef.parse(location).sibling("_runs")
     if not runs.exists(spark):
         return None
-    last = (runs.delta(spark).toDF().where(F.col("status") == "succeeded")
+    last = (runs.read(spark).where(F.col("status") == "succeeded")
             .orderBy(F.desc("ended_at")).select("config").limit(1).collect())
     if not last:
         return None
