@@ -18,7 +18,15 @@ import time
 from pipeline.config import InputSettings, SettingsError, add_profile_arguments, load_settings
 from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.model.spec import ModelSpecError
-from pipeline.search import METRICS, SearchReport, query_frame, read_vectors, search_table
+from pipeline.search import (
+    METRICS,
+    SearchReport,
+    import_encoder_in_background,
+    query_frame,
+    ranked_rows,
+    result_counts,
+    search_table,
+)
 from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
 from pipeline.store.delta import ModelMismatchError
@@ -57,24 +65,28 @@ def main(argv: list[str] | None = None) -> int:
         spark = get_spark(settings.spark)
         if args.export_index:
             return export_index(spark, vectors, args)
+        import_encoder_in_background()  # while this process mostly waits on Spark's reads
         source = (InputSettings(path=args.queries, id_col=args.query_id_col,
                                 text_col=args.query_text_col) if args.queries else None)
         queries = query_frame(spark, args.query, source)
         results, spec = search_table(spark, settings, vectors, queries, args.k, args.documents,
                                      args.metric, explicit_model=args.model is not None,
-                                     instruction=args.instruction)
-        results = results.cache()
-        rows = results.count()
-        output = (write_output(results.orderBy("query_id", "rank"), args.output)
-                  if args.output else None)
-        if output is None:
-            print_results(results, vectors, spark)
+                                     instruction=args.instruction, with_text=not args.output)
+        if args.output:
+            results = results.cache()
+            output = write_output(results.orderBy("query_id", "rank"), args.output)
+            rows, asked = result_counts(results)
+        else:
+            output = None
+            hits = ranked_rows(results)
+            print_results(hits)
+            rows, asked = len(hits), len({hit.query_id for hit in hits})
     except (SettingsError, InputError, ModelSpecError, ModelMismatchError, ValueError,
             FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report = SearchReport(vectors=vectors, model_id=spec.model_id,
-                          queries=results.select("query_id").distinct().count(), k=args.k,
+                          queries=asked, k=args.k,
                           level="document" if args.documents else "chunk", metric=args.metric,
                           rows=rows, output=output,
                           seconds=round(time.perf_counter() - started, 2))
@@ -82,12 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_results(results, vectors: str, spark) -> None:
+def print_results(hits: list) -> None:
     """Each query's ranked hits with the start of the chunk's text, for a person at a terminal."""
-    frame, _ = read_vectors(spark, vectors)
-    texts = frame.select("doc_id", "chunk_index", "chunk_text")
-    for row in (results.join(texts, ["doc_id", "chunk_index"], "left")
-                .orderBy("query_id", "rank").collect()):
+    for row in hits:
         snippet = " ".join((row.chunk_text or "").split())[:100]
         print(f"{row.query_id}\t{row.rank}\t{row.score:.4f}\t{row.doc_id}#{row.chunk_index}\t"
               f"{snippet}")

@@ -3,7 +3,8 @@
 The query matrix travels to the executors with the scoring function (Spark broadcasts a large
 pickled function); each partition scores its vectors in blocks with one matrix product and keeps
 its own top k per query; a window over the partial results makes the global top k. The corpus is
-never collected to the driver: only k rows per query and partition move.
+never collected to the driver: only k rows per query and partition move. The scoring function
+itself is pipeline/topk.py, NumPy and Arrow only.
 
 Document-level results rank documents by their best chunk. Each partition keeps its top k
 *documents* (its best chunk of each), which is exact: a document in the global top k has its best
@@ -13,29 +14,52 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipeline.config import InputSettings, ModelSettings, Settings, build_dataclass
-from pipeline.embed import worker_spec
-from pipeline.model.spec import ModelSpec, resolve_model_spec
+from pipeline.config import (
+    InputSettings,
+    ModelSettings,
+    Settings,
+    build_dataclass,
+    default_model_id,
+)
+from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
 from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
-from pipeline.spark.udf import WorkerSpec, embedding_udf
 from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
+from pipeline.topk import score_batches
 from pipeline.vectors import batch_matrix, unit_rows, vectors_to_arrow
+
+# The encoder's modules (pipeline.embed, pipeline.spark.udf, pipeline.model.load: torch and
+# transformers) are imported where queries are embedded, not here, so that a local search imports
+# them in the background while Spark reads the table (preload_encoder).
+if TYPE_CHECKING:
+    from pipeline.model.encode import Encoder
+    from pipeline.spark.udf import WorkerSpec
+
+log = logging.getLogger("pipeline.search")
 
 STORED_COLUMNS = {"float32": ("embedding",), "float16": ("embedding_packed",),
                   "int8": ("embedding_packed", "embedding_scale"),
                   "binary": ("embedding_packed",)}
-PARTIAL_DDL = "query_index int, doc_id string, chunk_index int, score float"
+PARTIAL_DDL = "query_id string, doc_id string, chunk_index int, score float, chunk_text string"
 RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
 METRICS = ("cosine", "dot")
+# Queries a local driver embeds itself (embed_queries); more go to the executors.
+DRIVER_QUERIES = 1000
+# The driver's encoder (pipeline.model.load keeps one model per process): held while it loads.
+_DRIVER_ENCODER = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -52,115 +76,16 @@ class Queries:
             raise ValueError("query ids must be unique")
 
 
-# --- the pure core -------------------------------------------------------------------------
-
-
-def best_first(positions: np.ndarray, scores: np.ndarray, doc_ids: np.ndarray,
-               chunk_indexes: np.ndarray) -> np.ndarray:
-    """Positions in the search's order: score descending, then doc_id, then chunk_index (the
-    global merge orders the same way, so ties do not depend on partitioning)."""
-    order = np.lexsort((chunk_indexes[positions], doc_ids[positions].astype(str),
-                        -scores[positions]))
-    return positions[order]
-
-
-def top_window(scores: np.ndarray, size: int) -> np.ndarray:
-    """Positions of the `size` best scores and of every score tied with the last of them."""
-    if len(scores) <= size:
-        return np.arange(len(scores))
-    chosen = np.argpartition(-scores, size - 1)[:size]
-    return np.flatnonzero(scores >= scores[chosen].min())
-
-
-def top_positions(scores: np.ndarray, doc_ids: np.ndarray, chunk_indexes: np.ndarray, k: int,
-                  by_document: bool) -> np.ndarray:
-    """Positions of the k best scores, best first; by document, only each document's best
-    position counts, so the result names k distinct documents (or all there are)."""
-    window = 4 * k if by_document else k
-    while True:
-        ordered = best_first(top_window(scores, window), scores, doc_ids, chunk_indexes)
-        if not by_document:
-            return ordered[:k]
-        _, first = np.unique(doc_ids[ordered], return_index=True)
-        best = ordered[np.sort(first)][:k]
-        if len(best) >= k or window >= len(scores):
-            return best
-        window = min(len(scores), window * 4)
-
-
-@dataclass
-class Candidates:
-    """One query's best rows so far."""
-
-    scores: np.ndarray
-    doc_ids: np.ndarray
-    chunk_indexes: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Candidates:
-        return cls(np.empty(0, np.float32), np.empty(0, object), np.empty(0, np.int32))
-
-    def merged(self, scores: np.ndarray, doc_ids: np.ndarray, chunk_indexes: np.ndarray,
-               k: int, by_document: bool) -> Candidates:
-        scores = np.concatenate([self.scores, scores])
-        doc_ids = np.concatenate([self.doc_ids, doc_ids])
-        chunk_indexes = np.concatenate([self.chunk_indexes, chunk_indexes])
-        keep = top_positions(scores, doc_ids, chunk_indexes, k, by_document)
-        return Candidates(scores[keep], doc_ids[keep], chunk_indexes[keep])
-
-
-def score_batches(queries: np.ndarray, k: int, by_document: bool, normalize: bool,
-                  vector_format: str = "float32", block_rows: int = 1024
-                  ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The function for DataFrame.mapInArrow: batches of (doc_id, chunk_index) and the stored
-    vector columns -> this partition's top k rows per query."""
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        best = [Candidates.empty() for _ in range(len(queries))]
-        for batch in batches:
-            if not batch.num_rows:
-                continue
-            matrix = batch_matrix(batch, vector_format, queries.shape[1])
-            if matrix.shape[1] != queries.shape[1]:
-                raise ValueError(f"table vectors have {matrix.shape[1]} dimensions, the "
-                                 f"queries {queries.shape[1]}")
-            if normalize:
-                matrix = unit_rows(matrix)
-            doc_ids = np.asarray(batch.column("doc_id").to_pylist(), dtype=object)
-            chunk_indexes = batch.column("chunk_index").to_numpy(zero_copy_only=False)
-            for start in range(0, len(queries), block_rows):
-                scores = queries[start:start + block_rows] @ matrix.T
-                for offset, row in enumerate(scores):
-                    keep = top_positions(row, doc_ids, chunk_indexes, k, by_document)
-                    query = start + offset
-                    best[query] = best[query].merged(row[keep], doc_ids[keep],
-                                                     chunk_indexes[keep], k, by_document)
-        yield _partial_batch(best)
-
-    return run
-
-
-def _partial_batch(best: list[Candidates]) -> pa.RecordBatch:
-    counts = [len(c.scores) for c in best]
-    return pa.RecordBatch.from_arrays([
-        pa.array(np.repeat(np.arange(len(best), dtype=np.int32), counts)),
-        pa.array([d for c in best for d in c.doc_ids], pa.string()),
-        pa.array(np.concatenate([c.chunk_indexes for c in best]).astype(np.int32)
-                 if best else np.empty(0, np.int32)),
-        pa.array(np.concatenate([c.scores for c in best]).astype(np.float32)
-                 if best else np.empty(0, np.float32)),
-    ], names=["query_index", "doc_id", "chunk_index", "score"])
-
-
 # --- Spark glue ----------------------------------------------------------------------------
 
 
 def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: int,
                  by_document: bool = False, metric: str = "cosine",
-                 vector_format: str = "float32") -> DataFrame:
+                 vector_format: str = "float32", with_text: bool = False) -> DataFrame:
     """Top k (query_id, rank, doc_id, chunk_index, score) per query over a vectors frame
     (doc_id, chunk_index and the columns of its vector format). Cosine normalises both sides;
-    dot takes them as they are. Binary vectors score as -1/+1 against the float queries."""
+    dot takes them as they are. Binary vectors score as -1/+1 against the float queries.
+    `with_text` adds the hits' `chunk_text`, carried through the scoring from the same scan."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if k < 1:
@@ -169,18 +94,20 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
     matrix = np.asarray(queries.vectors, dtype=np.float32)
     if normalize:
         matrix = unit_rows(matrix)
-    partials = (vectors.select("doc_id", "chunk_index", *STORED_COLUMNS[vector_format])
-                .mapInArrow(score_batches(matrix, k, by_document, normalize, vector_format),
-                            PARTIAL_DDL))
+    texts = ("chunk_text",) if with_text else ()
+    partials = (vectors.select("doc_id", "chunk_index", *STORED_COLUMNS[vector_format], *texts)
+                .mapInArrow(score_batches(matrix, queries.ids, k, by_document, normalize,
+                                          vector_format, text_col="chunk_text" if with_text
+                                          else None), PARTIAL_DDL))
     if by_document:
-        partials = partials.groupBy("query_index", "doc_id").agg(
-            F.max_by("chunk_index", "score").alias("chunk_index"), F.max("score").alias("score"))
-    order = Window.partitionBy("query_index").orderBy(F.desc("score"), F.asc("doc_id"),
+        partials = (partials.groupBy("query_id", "doc_id")
+                    .agg(F.max_by(F.struct("chunk_index", "chunk_text"), "score").alias("best"),
+                         F.max("score").alias("score"))
+                    .select("query_id", "doc_id", "best.chunk_index", "score", "best.chunk_text"))
+    order = Window.partitionBy("query_id").orderBy(F.desc("score"), F.asc("doc_id"),
                                                       F.asc("chunk_index"))
-    ranked = (partials.withColumn("rank", F.row_number().over(order))
-              .where(F.col("rank") <= k))
-    ids = spark.createDataFrame(list(enumerate(queries.ids)), "query_index int, query_id string")
-    return ranked.join(F.broadcast(ids), "query_index").select(*RESULT_COLUMNS)
+    return (partials.withColumn("rank", F.row_number().over(order))
+            .where(F.col("rank") <= k).select(*RESULT_COLUMNS, *texts))
 
 
 def vector_format(properties: dict[str, str]) -> str:
@@ -211,9 +138,12 @@ def decoded_vectors(frame: DataFrame, properties: dict[str, str]) -> DataFrame:
 def read_vectors(spark: SparkSession, location: str) -> tuple[DataFrame, dict[str, str]]:
     """The vectors table and its properties."""
     table = TableRef.parse(location)
-    if not table.exists(spark):
-        raise FileNotFoundError(f"no Delta table at {table.location}")
-    return table.read(spark), table.properties(spark)
+    try:
+        frame = table.read(spark)
+        frame.columns  # noqa: B018 (analysis, which Spark Connect defers)
+    except AnalysisException as error:
+        raise FileNotFoundError(f"no Delta table at {table.location}") from error
+    return frame, table.properties(spark)
 
 
 # --- queries -------------------------------------------------------------------------------
@@ -233,13 +163,26 @@ def table_model_settings(spark: SparkSession, location: str) -> ModelSettings | 
     return build_dataclass(ModelSettings, raw, "model")
 
 
+def is_tables_model(model: ModelSettings, properties: dict[str, str]) -> bool:
+    """True when the profile's model is the one the table records (id, fingerprint, dimension,
+    pooling, prompts, max length): then `<table>_runs` need not be read for it. Only a model
+    under the table's model id is resolved, so no other model is fetched for the comparison."""
+    if (model.id or default_model_id(model.name)) != properties.get("pipeline.model_id"):
+        return False
+    try:
+        recorded = resolve_model_spec(model).table_properties()
+    except ModelSpecError:
+        return False
+    return all(properties.get(key) == value for key, value in recorded.items())
+
+
 def query_model(spark: SparkSession, settings: Settings, location: str,
                 properties: dict[str, str], explicit: bool, instruction: str | None
                 ) -> ModelSpec:
     """The query model: the one named on the command line, else the table's own; either way it
     must have made the table's vectors."""
     model = settings.model
-    if not explicit:
+    if not explicit and not is_tables_model(model, properties):
         model = table_model_settings(spark, location) or model
     if instruction is not None:
         model = dataclasses.replace(model, query_instruction=instruction)
@@ -249,10 +192,20 @@ def query_model(spark: SparkSession, settings: Settings, location: str,
     return spec
 
 
-def embed_queries(frame: DataFrame, worker: WorkerSpec, partitions: int) -> Queries:
-    """(query_id, text) -> query vectors, embedded on the executors with the query prompt."""
-    embedded = (frame.select(F.col("query_id").cast("string"), F.col("text").cast("string"))
-                .repartition(partitions)
+def embed_queries(frame: DataFrame, worker: WorkerSpec, partitions: int,
+                  on_driver: bool = False) -> Queries:
+    """(query_id, text) -> query vectors, with the query prompt. With `on_driver`, up to
+    DRIVER_QUERIES queries are embedded in this process (the encoder is plain Python and torch):
+    for a handful, starting Python workers that each load the model costs far more than the
+    embedding. More queries, or without `on_driver`, are embedded on the executors."""
+    pairs = frame.select(F.col("query_id").cast("string"), F.col("text").cast("string"))
+    if on_driver:
+        few = pairs.limit(DRIVER_QUERIES + 1).collect()
+        if len(few) <= DRIVER_QUERIES:
+            return _embed_here([row.query_id for row in few], [row.text for row in few], worker)
+    from pipeline.spark.udf import embedding_udf
+
+    embedded = (pairs.repartition(partitions)
                 .withColumn("embedding", embedding_udf(worker, "query")("text"))
                 .select("query_id", "embedding").toPandas())
     if embedded.empty:
@@ -261,13 +214,81 @@ def embed_queries(frame: DataFrame, worker: WorkerSpec, partitions: int) -> Quer
                    .astype(np.float32))
 
 
+def _embed_here(ids: list[str], texts: list[str], worker: WorkerSpec) -> Queries:
+    if not ids:
+        raise ValueError("no queries to search")
+    with _DRIVER_ENCODER:
+        encoder = _driver_encoder(worker)
+        return Queries(ids, np.asarray(encoder.embed(texts, "query"), dtype=np.float32))
+
+
+def _driver_encoder(worker: WorkerSpec) -> Encoder:
+    from pipeline.model.load import get_encoder
+
+    return get_encoder(worker.model, worker.max_batch_tokens, worker.max_batch_rows,
+                       worker.min_fill, load_log_dir=worker.load_log_dir)
+
+
+def import_encoder_in_background() -> threading.Thread:
+    """Import the encoder's modules (torch, transformers: seconds) in another thread. A job
+    calls it before its first reads of the table, which leave this process waiting on the JVM;
+    whichever thread needs the modules first then waits only for what is left. Not a daemon
+    thread: the interpreter lets it finish before it exits."""
+
+    def run() -> None:
+        try:
+            from transformers import AutoModel, AutoTokenizer  # noqa: F401
+
+            import pipeline.embed  # noqa: F401 (torch, through the UDF and the encoder)
+        except Exception:
+            log.debug("importing the encoder's modules ahead failed", exc_info=True)
+
+    thread = threading.Thread(target=run, name="import-encoder")
+    thread.start()
+    return thread
+
+
+def preload_encoder(settings: Settings) -> threading.Thread:
+    """Load the settings' model into this process in a background thread. A local search starts
+    it first: the seconds of importing torch and transformers and reading the weights then
+    overlap the JVM's reads of the table, and the query embedding, which waits for it, finds the
+    model resident when it is the table's (the usual case; get_encoder replaces another). A
+    failure here is only logged: the embedding's own load reports it, if the model is used."""
+    _DRIVER_ENCODER.acquire()  # here, not in the thread, so the embedding cannot go first
+
+    def load() -> None:
+        try:
+            from pipeline.embed import worker_spec
+
+            _driver_encoder(worker_spec(settings, resolve_model_spec(settings.model)))
+        except Exception:
+            log.debug("loading %s ahead failed", settings.model.name, exc_info=True)
+        finally:
+            _DRIVER_ENCODER.release()
+
+    thread = threading.Thread(target=load, name="preload-encoder", daemon=True)
+    thread.start()
+    return thread
+
+
+def local_master(spark: SparkSession) -> bool:
+    """True where the driver shares the machine with the executors (a local master), so that
+    loading the model there costs what a worker's load would."""
+    try:
+        return spark.conf.get("spark.master", "").startswith("local")
+    except Exception:  # a Spark Connect server may not say: treat it as a cluster
+        return False
+
+
 def query_frame(spark: SparkSession, texts: list[str], source: InputSettings | None
                 ) -> DataFrame:
-    """Queries from the command line (ids q1, q2, ...) and/or a file or table."""
+    """Queries from the command line (ids q1, q2, ...) and/or a file or table. The command
+    line's come from pandas, through Arrow, as a local relation: collecting them runs no job."""
     frames = []
     if texts:
-        frames.append(spark.createDataFrame(
-            [(f"q{i}", text) for i, text in enumerate(texts, 1)], "query_id string, text string"))
+        typed = pd.DataFrame({"query_id": [f"q{i}" for i in range(1, len(texts) + 1)],
+                              "text": texts})
+        frames.append(spark.createDataFrame(typed, "query_id string, text string"))
     if source is not None:
         table = read_source(spark, source)
         frames.append(table.select(F.col(source.id_col).cast("string").alias("query_id"),
@@ -298,11 +319,35 @@ class SearchReport:
 
 def search_table(spark: SparkSession, settings: Settings, vectors: str, queries: DataFrame,
                  k: int, by_document: bool, metric: str, explicit_model: bool = False,
-                 instruction: str | None = None) -> tuple[DataFrame, ModelSpec]:
-    """Embed the queries with the table's model and rank the table's chunks (or documents)."""
-    frame, properties = read_vectors(spark, vectors)
-    spec = query_model(spark, settings, vectors, properties, explicit_model, instruction)
-    partitions = settings.spark.partitions or default_parallelism(spark)
-    embedded = embed_queries(queries, worker_spec(settings, spec), partitions)
+                 instruction: str | None = None, with_text: bool = False
+                 ) -> tuple[DataFrame, ModelSpec]:
+    """Embed the queries with the table's model and rank the table's chunks (or documents),
+    with their text if asked. On a local master the queries are embedded on the driver, the
+    model loading meanwhile."""
+    on_driver = local_master(spark)
+    loading = preload_encoder(settings) if on_driver else None
+    try:
+        frame, properties = read_vectors(spark, vectors)
+        spec = query_model(spark, settings, vectors, properties, explicit_model, instruction)
+        partitions = settings.spark.partitions or default_parallelism(spark)
+        from pipeline.embed import worker_spec  # after the reads: the preload imports it
+
+        embedded = embed_queries(queries, worker_spec(settings, spec), partitions, on_driver)
+    finally:
+        if loading is not None:
+            loading.join()  # on an error too: no thread left loading while the job exits
     return exact_search(spark, frame, embedded, k, by_document, metric,
-                        vector_format(properties)), spec
+                        vector_format(properties), with_text), spec
+
+
+def result_counts(results: DataFrame) -> tuple[int, int]:
+    """Result rows and the queries they answer, in one job."""
+    counts = results.agg(F.count("*").alias("rows"),
+                         F.countDistinct("query_id").alias("queries")).first()
+    return counts["rows"], counts["queries"]
+
+
+def ranked_rows(results: DataFrame) -> list[Row]:
+    """The results collected, by query and rank: sorted here, as a global sort in Spark costs a
+    sampling job and a shuffle."""
+    return sorted(results.collect(), key=lambda row: (row.query_id, row.rank))

@@ -3,19 +3,22 @@ evaluation, run in-process through their `main` on the shared session."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import pipeline.search
 from jobs import benchmark_storage, evaluate_retrieval, score_similarity, search
 from pipeline.config import ModelSettings, load_settings
 from pipeline.embed import worker_spec
 from pipeline.metrics import pearson, spearman
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
-from pipeline.search import embed_queries, query_frame
+from pipeline.search import embed_queries, is_tables_model, query_frame
+from pipeline.store.delta import TableRef
 from tests.conftest import write_jsonl
 from tests.test_spark_embed import embed
 
@@ -52,6 +55,22 @@ def test_search_job_finds_each_document_by_its_own_words(minilm_table, docs, tmp
     top = {h["query_id"]: h["doc_id"] for h in hits if h["rank"] == 1}
     assert top == {q["qid"]: q["qid"] for q in queries}
     assert all(h["score"] > 0.5 for h in hits if h["rank"] == 1)
+
+
+def test_search_with_the_profiles_own_model_skips_the_runs_table(spark, minilm_table, capsys,
+                                                                   monkeypatch):
+    """The table records the profile's model (fingerprint, prompts, max length), so the search
+    need not read `<table>_runs` to find it."""
+    def runs_read(*args, **kwargs):
+        raise AssertionError("read <table>_runs")
+
+    monkeypatch.setattr(pipeline.search, "table_model_settings", runs_read)
+    assert search.main(["--vectors", str(minilm_table), "--query", "glaciers", "--k", "2"]) == 0
+    assert last_json(capsys)["rows"] == 2
+    properties = TableRef.parse(str(minilm_table)).properties(spark)
+    other = dataclasses.replace(load_settings("local").model, max_length=128)
+    assert is_tables_model(load_settings("local").model, properties)
+    assert not is_tables_model(other, properties), "another max length: read the runs"
 
 
 def test_queries_are_embedded_as_the_encoder_embeds_queries(spark, minilm_encoder):

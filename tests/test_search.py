@@ -4,16 +4,26 @@ job on a real table."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from py4j.protocol import Py4JJavaError
+from pyspark import cloudpickle
 from pyspark.errors import PySparkException
+from pyspark.sql import functions as F
 
+from pipeline import search
 from pipeline.ann import IDS_FILE, INDEX_FILE, MANIFEST_FILE, build_index, neighbour_recall
-from pipeline.search import Queries, exact_search, top_positions
+from pipeline.config import load_settings
+from pipeline.embed import worker_spec
+from pipeline.search import Queries, embed_queries, exact_search, query_frame, read_vectors
+from pipeline.spark import udf
+from pipeline.topk import score_batches, top_positions
 from pipeline.vectors import unit_rows
+from tests.conftest import REPO
 
 CHUNKS_PER_DOC = 3
 
@@ -138,3 +148,62 @@ def test_ann_export_recall_at_10_against_exact(spark, tmp_path):
 def test_neighbour_recall_leaves_the_query_itself_out():
     exact = [[7, 1, 2, 3]]
     assert neighbour_recall(np.array([[7, 1, 2, 9]]), exact, np.array([7]), k=3) == 2 / 3
+
+
+@pytest.mark.parametrize("by_document", [False, True], ids=["chunks", "documents"])
+def test_hits_carry_their_own_chunks_text_from_the_same_scan(spark, corpus, by_document):
+    frame, _ = corpus
+    frame = frame.withColumn("chunk_text", F.concat_ws("#", "doc_id", "chunk_index"))
+    queries = Queries([f"q{i}" for i in range(5)], random_units(5, 5, 96))
+    plain = ranked(exact_search(spark, frame, queries, k=7, by_document=by_document))
+    with_text = exact_search(spark, frame, queries, k=7, by_document=by_document,
+                             with_text=True).collect()
+    assert all(row.chunk_text == f"{row.doc_id}#{row.chunk_index}" for row in with_text)
+    got: dict[str, list] = {}
+    for row in sorted(with_text, key=lambda row: (row.query_id, row.rank)):
+        got.setdefault(row.query_id, []).append((row.doc_id, row.chunk_index, row.score))
+    assert got == plain, "the same hits with or without their text"
+
+
+def test_the_executors_scoring_function_loads_without_torch(tmp_path):
+    """Each executor's Python worker unpickles the scoring function, importing what it refers
+    to: importing torch there would cost every worker seconds before its first vector."""
+    scoring = score_batches(random_units(6, 2, 8), ["a", "b"], 3, False, True)
+    pickled = tmp_path / "scoring.pickle"
+    pickled.write_bytes(cloudpickle.dumps(scoring))
+    check = ("import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", check, str(pickled)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_few_queries_are_embedded_on_a_local_driver_more_on_the_executors(
+        spark, minilm_encoder, monkeypatch):
+    worker = worker_spec(load_settings("local"), minilm_encoder.spec)
+    texts = ["what is a glacier", "who wrote the iliad", "salt"]
+    expected = dict(zip(["q1", "q2", "q3"], minilm_encoder.embed(texts, "query"), strict=True))
+
+    def executors_used(*args, **kwargs):
+        raise AssertionError("the executors embedded the queries")
+
+    monkeypatch.setattr(udf, "embedding_udf", executors_used)
+    here = embed_queries(query_frame(spark, texts, None), worker, 2, on_driver=True)
+    assert here.ids == ["q1", "q2", "q3"]
+    np.testing.assert_allclose(here.vectors, np.stack(list(expected.values())), atol=1e-5)
+    monkeypatch.undo()
+
+    def driver_used(*args, **kwargs):
+        raise AssertionError("the driver embedded more than DRIVER_QUERIES queries")
+
+    monkeypatch.setattr(search, "DRIVER_QUERIES", 2)
+    monkeypatch.setattr(search, "_embed_here", driver_used)
+    there = embed_queries(query_frame(spark, texts, None), worker, 2, on_driver=True)
+    for query_id, vector in zip(there.ids, there.vectors, strict=True):
+        np.testing.assert_allclose(vector, expected[query_id], atol=1e-5)
+
+
+def test_a_missing_table_is_named(spark, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no Delta table at {tmp_path / 'nothing'}"):
+        read_vectors(spark, str(tmp_path / "nothing"))
