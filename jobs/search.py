@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.export_index:
             return export_index(spark, vectors, args)
         import_encoder_in_background()  # while this process mostly waits on Spark's reads
+        # query ids are only labels: a numeric id column is read as text
         source = (InputSettings(path=args.queries, id_col=args.query_id_col,
-                                text_col=args.query_text_col) if args.queries else None)
+                                text_col=args.query_text_col, cast_columns=True)
+                  if args.queries else None)
         queries = query_frame(spark, args.query, source)
         results, spec = search_table(spark, settings, vectors, queries, args.k, args.documents,
                                      args.metric, explicit_model=args.model is not None,
