@@ -88,11 +88,25 @@ def test_summary_counts_tokens_and_padding(first_run, corpus):
     assert summary.table_version >= 1
 
 
-def test_model_loads_once_per_python_worker_across_partitions_and_jobs(spark, first_run, corpus):
-    _, out = first_run
-    embed(spark, corpus, out / "second", "spark.partitions=4",
-          f"run.load_log_dir={out / 'loads'}")
-    loads = Counter(record["pid"] for record in load_records(out / "loads"))
+def linked_copy(folder: Path, target: Path) -> Path:
+    """The model folder under another path, files linked: the workers' resident model (left
+    by whichever test ran before) is then not this one, so each worker must load it."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            link = target / path.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    return target
+
+
+def test_model_loads_once_per_python_worker_across_partitions_and_jobs(spark, corpus,
+                                                                       minilm_path, tmp_path):
+    model = linked_copy(minilm_path, tmp_path / "model")
+    for job in ("first", "second"):
+        embed(spark, corpus, tmp_path / job, "spark.partitions=4", f"model.name={model}",
+              "model.id=sentence-transformers/all-MiniLM-L6-v2",
+              f"run.load_log_dir={tmp_path / 'loads'}")
+    loads = Counter(record["pid"] for record in load_records(tmp_path / "loads"))
     assert loads, "workers recorded their loads"
     assert set(loads.values()) == {1}, f"a worker loaded the model twice: {loads}"
     assert len(loads) <= 2, "local[2] runs at most two Python workers"
