@@ -13,6 +13,7 @@ import math
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -276,15 +277,15 @@ def _run(run: Run, flagged: DataFrame) -> RunSummary:
     properties = table_properties(run)
     existed = prepare_table(run.spark, run.table, VECTOR_DDL, mode, properties)
     incremental = mode == "incremental"
+    if incremental:
+        stored = run.table.properties(run.spark)  # labelling below adds only pipeline.* keys
+        run.blind_appends = appends_blindly(stored)
     if existed and incremental:
-        stored = run.table.properties(run.spark)
         label_missing_properties(run.spark, run.table, stored, properties)
         advice = upgrade_advice(run.table, stored)
         if advice:
             log.warning(advice)
         run.planned_at = run.table.version(run.spark)
-    if incremental:
-        run.blind_appends = appends_blindly(run.table.properties(run.spark))
     run.plan, planned = make_plan(run, flagged, table_exists=existed and incremental)
     log.info("run %s (%s) planned after %.1fs: %s", run.run_id, mode, run.elapsed,
              json.dumps(asdict(run.plan), sort_keys=True))
@@ -394,9 +395,11 @@ def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan
                .withColumn("doubled", F.coalesce(F.col("copies") > 1, F.lit(False)))
                .select("doc_id", "text", "content_hash", "status", "doubled")
                .persist(StorageLevel.DISK_ONLY))
-    counted = planned.groupBy("status", "doubled").count().collect()
-    counts = {status: sum(row["count"] for row in counted if row["status"] == status)
-              for status in {row["status"] for row in counted}}
+    counts: Counter[str] = Counter()
+    duplicated = 0
+    for row in planned.groupBy("status", "doubled").count().collect():
+        counts[row["status"]] += row["count"]
+        duplicated += row["count"] if row["doubled"] else 0
     rejected = flagged.where(F.col("reject_reason").isNotNull()).count()
     plan = RunPlan(
         rejected=rejected,
@@ -404,7 +407,7 @@ def make_plan(run: Run, flagged: DataFrame, table_exists: bool) -> tuple[RunPlan
         changed=sum(counts.get(status, 0) for status in TO_MERGE),
         unchanged=counts.get("unchanged", 0),
         deleted=counts.get("deleted", 0),
-        duplicated=sum(row["count"] for row in counted if row["doubled"]),
+        duplicated=duplicated,
         delete_missing=run.settings.output.deletes_missing(run.settings.input.snapshot),
     )
     plan.documents_read = plan.to_embed + plan.unchanged + rejected
