@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import benchmark_cpu as job
+from benchmarks import cpu as job
 from pipeline.config import load_settings
 from pipeline.model.spec import resolve_model_spec
 from tests.conftest import SAMPLE_CORPUS

@@ -1,4 +1,4 @@
-"""The benchmark job: every mode embeds the same texts and reports comparable numbers."""
+"""The throughput benchmark: every mode embeds the same texts and reports comparable numbers."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from jobs import benchmark_embed as job
+from benchmarks import embed as job
 from tests.conftest import REPO, SAMPLE_CORPUS
 
-SCRIPT = REPO / "jobs" / "benchmark_embed.py"
 MODES = ("st", "encoder", "spark_job")  # pbudf adds ~35 s; its accounting is tested below
 FIELDS = ("texts", "tokens", "padded_tokens", "padding_efficiency", "seconds", "tokens_per_s",
           "texts_per_s", "peak_rss_mb", "startup_s", "vs_st", "cpu_s", "other_cores")
@@ -57,10 +56,11 @@ def test_tree_rss_counts_child_processes():
 def test_benchmark_reports_every_mode_on_the_same_tokens(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--corpus", str(SAMPLE_CORPUS), "--limit", "40",
+        [sys.executable, "-m", "benchmarks.embed", "--corpus", str(SAMPLE_CORPUS), "--limit", "40",
          "--modes", ",".join(MODES), "--json", str(out), "--quiet-wait", "0",
          "--noise-retries", "0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""The GPU benchmark job, on the CPU: its FLOP count, batching, packed attention and report."""
+"""The GPU benchmark, on the CPU: its FLOP count, batching, packed attention and report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs import benchmark_gpu as job
+from benchmarks import gpu as job
 from tests.conftest import REPO, SAMPLE_CORPUS
 
 QWEN3_TOKENIZER = REPO.parent / "shared" / "qwen3-tokenizer"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import pipeline.search
-from jobs import benchmark_storage, evaluate_retrieval, score_similarity, search
+from benchmarks import storage as benchmark_storage
+from jobs import evaluate_retrieval, score_similarity, search
 from pipeline.config import ModelSettings, load_settings
 from pipeline.embed import worker_spec
 from pipeline.metrics import pearson, spearman

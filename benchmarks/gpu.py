@@ -1,9 +1,9 @@
 """GPU benchmark: tokens/s and MFU of the Qwen3-Embedding-4B forward pass, random bf16 weights.
 
-    python jobs/benchmark_gpu.py --json benchmark_gpu.json --time-limit-s 300   # one H100, ~5 min
-    python jobs/benchmark_gpu.py --scaled-down --device cpu --docs 64 --budgets 1024,2048
-    python jobs/benchmark_gpu.py --save-lengths wiki_lengths.json   # for a GPU machine without
-    python jobs/benchmark_gpu.py --lengths-json wiki_lengths.json   # ../shared: carry the list
+    python -m benchmarks.gpu --json benchmark_gpu.json --time-limit-s 300   # one H100, ~5 min
+    python -m benchmarks.gpu --scaled-down --device cpu --docs 64 --budgets 1024,2048
+    python -m benchmarks.gpu --save-lengths wiki_lengths.json   # for a GPU machine without
+    python -m benchmarks.gpu --lengths-json wiki_lengths.json   # ../shared: carry the list
 
 Builds the Qwen3-Embedding-4B architecture (36 layers, hidden 2560, 32 query / 8 key-value heads
 of 128, MLP 9728, vocabulary 151,665, tied embeddings) as a `Qwen3Model` directly on the device
@@ -53,11 +53,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: the pipeline package sits beside jobs/
-    sys.path.insert(0, str(REPO))
+from pipeline.model.encode import pad_rows, plan_batches, pool
 
-from pipeline.model.encode import pad_rows, plan_batches, pool  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 WIKI_CORPUS = REPO.parent / "shared" / "data" / "wiki-en" / "paragraphs.en.jsonl"
 QWEN3_TOKENIZER = REPO.parent / "shared" / "qwen3-tokenizer"

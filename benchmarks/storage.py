@@ -2,7 +2,7 @@
 Matryoshka dimension, on a BEIR dataset whose float32 vectors table exists.
 
     python jobs/evaluate_retrieval.py --dataset ../shared/data/scifact --vectors /tmp/scifact
-    python jobs/benchmark_storage.py --dataset ../shared/data/scifact --vectors /tmp/scifact \\
+    python -m benchmarks.storage --dataset ../shared/data/scifact --vectors /tmp/scifact \\
         --json storage.json
 
 Each variant table is derived from the float32 table with the pipeline's own packing

@@ -1,9 +1,9 @@
 """CPU speed beyond the fp32 baseline: bf16, dynamic int8 linear layers, and tokenization
 overlapped with the forward pass, each with its quality against fp32.
 
-    .venv/bin/python jobs/benchmark_cpu.py --limit 400 --json /tmp/bench_cpu.json
-    .venv/bin/python jobs/benchmark_cpu.py --threads 1,2 --variants fp32,bf16
-    .venv/bin/python jobs/benchmark_cpu.py --variants fp32,bf16 --scifact-queries 100
+    .venv/bin/python -m benchmarks.cpu --limit 400 --json /tmp/bench_cpu.json
+    .venv/bin/python -m benchmarks.cpu --threads 1,2 --variants fp32,bf16
+    .venv/bin/python -m benchmarks.cpu --variants fp32,bf16 --scifact-queries 100
 
 Every variant embeds the same texts in one process, as a Spark worker does: the corpus is cut into
 slices of `--slice-rows` documents (sub-batches of an Arrow batch); each slice is prepared as
@@ -59,12 +59,9 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: the pipeline package sits beside jobs/
-    sys.path.insert(0, str(REPO))
-
-from jobs.benchmark_embed import (  # noqa: E402
+from benchmarks.embed import (
     DEFAULT_MODEL,
+    REPO,
     SAMPLE_CORPUS,
     WARMUP_TEXTS,
     Timed,
@@ -74,13 +71,13 @@ from jobs.benchmark_embed import (  # noqa: E402
     model_settings,
     read_documents,
 )
-from pipeline.config import load_settings  # noqa: E402
-from pipeline.metrics import ndcg_at_k, read_qrels, spearman  # noqa: E402
-from pipeline.model.encode import Encoder  # noqa: E402
-from pipeline.model.load import get_encoder  # noqa: E402
-from pipeline.model.spec import ModelSpec, resolve_model_spec  # noqa: E402
-from pipeline.text import document_text  # noqa: E402
-from pipeline.vectors import row_cosines  # noqa: E402
+from pipeline.config import load_settings
+from pipeline.metrics import ndcg_at_k, read_qrels, spearman
+from pipeline.model.encode import Encoder
+from pipeline.model.load import get_encoder
+from pipeline.model.spec import ModelSpec, resolve_model_spec
+from pipeline.text import document_text
+from pipeline.vectors import row_cosines
 
 SHARED_DATA = REPO / ".." / "shared" / "data"
 STS_TEST = SHARED_DATA / "stsbenchmark" / "sts-test.csv"

@@ -1,7 +1,7 @@
 """Benchmark: sentence-transformers vs Spark predict_batch_udf vs our encoder vs our Spark job.
 
-    .venv/bin/python jobs/benchmark_embed.py --limit 2000 --short
-    .venv/bin/python jobs/benchmark_embed.py --corpus pipeline/data/sample_corpus.jsonl
+    .venv/bin/python -m benchmarks.embed --limit 2000 --short
+    .venv/bin/python -m benchmarks.embed --corpus pipeline/data/sample_corpus.jsonl
 
 All modes embed the same texts (document text = title + " " + text, truncated to the model's max
 length) on the same cores. Each mode runs in its own subprocess (`--only MODE`), which prints one
@@ -469,11 +469,12 @@ def run_only(args: argparse.Namespace) -> int:
 
 
 def run_child(mode: str, prepared: Path, work: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--only", mode,
+    command = [sys.executable, "-m", "benchmarks.embed", "--only", mode,
                "--prepared", str(prepared), "--work-dir", str(work), "--model", args.model,
                "--cores", str(args.cores), "--batch-size", str(args.batch_size),
                *(f"--job-set={item}" for item in args.job_set)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
     done = subprocess.run(command, cwd=work.parent, env=env, capture_output=True, text=True,
                           timeout=args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
