@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
+from pipeline.errors import MissingDependencyError
 from pipeline.search import Queries, decoded_vectors, exact_search, read_vectors
 from pipeline.vectors import arrow_matrix, unit_rows
 
@@ -47,8 +48,8 @@ def _faiss():
     try:
         import faiss
     except ImportError as error:
-        raise ImportError("--export-index needs faiss: pip install 'spark-embed-pipeline[ann]'"
-                          ) from error
+        raise MissingDependencyError(
+            "--export-index needs faiss: pip install 'spark-embed-pipeline[ann]'") from error
     return faiss
 
 

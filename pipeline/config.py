@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import PipelineError
 from pipeline.vectors import VECTOR_FORMATS
 
 # The profiles travel inside the package, so `--config databricks` works wherever it is installed:
@@ -45,7 +46,7 @@ FLAG_KEYS = {
 }
 
 
-class SettingsError(ValueError):
+class SettingsError(PipelineError, ValueError):
     """A profile or override that cannot run; the message names the key and the fix."""
 
 

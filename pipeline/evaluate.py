@@ -19,10 +19,10 @@ from pyspark.sql import functions as F
 
 from pipeline.config import Settings
 from pipeline.embed import RunSummary, run_embedding
+from pipeline.errors import InputError, MissingDependencyError
 from pipeline.metrics import pearson, read_qrels, retrieval_scores, spearman
 from pipeline.model.spec import ModelSpec
 from pipeline.search import search_table
-from pipeline.spark.io import InputError
 from pipeline.text import document_text
 
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl")
@@ -116,8 +116,8 @@ def _sentence_transformer(spec: ModelSpec):
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as error:
-        raise ImportError("the reference needs sentence-transformers (pip install "
-                          "sentence-transformers)") from error
+        raise MissingDependencyError("the reference needs sentence-transformers (pip install "
+                                     "sentence-transformers)") from error
     model = SentenceTransformer(spec.path, device="cpu")
     model.max_seq_length = spec.max_length
     return model

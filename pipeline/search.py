@@ -37,7 +37,7 @@ from pipeline.config import (
 from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
 from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
-from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
+from pipeline.store.delta import VECTOR_PROPERTIES, TableNotFoundError, TableRef, check_same_model
 from pipeline.topk import score_batches
 from pipeline.vectors import batch_matrix, unit_rows, vectors_to_arrow
 
@@ -142,7 +142,7 @@ def read_vectors(spark: SparkSession, location: str) -> tuple[DataFrame, dict[st
         frame = table.read(spark)
         frame.columns  # noqa: B018 (analysis, which Spark Connect defers)
     except AnalysisException as error:
-        raise FileNotFoundError(f"no Delta table at {table.location}") from error
+        raise TableNotFoundError(f"no Delta table at {table.location}") from error
     return frame, table.properties(spark)
 
 

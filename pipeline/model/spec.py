@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PACKAGE_PREFIX, ModelSettings, default_model_id
+from pipeline.errors import PipelineError
 
 QWEN3_QUERY_TEMPLATE = "Instruct: {task}\nQuery:"
 DECODER_MODEL_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text"}
@@ -32,7 +33,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(PipelineError, ValueError):
     """The model reference or folder cannot be used; the message names what is missing."""
 
 

@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType
 
 from pipeline.config import InputSettings
+from pipeline.errors import InputError
 
 log = logging.getLogger("pipeline.spark.io")
 
@@ -20,10 +21,6 @@ TABLE_PREFIX = "table:"
 CORRUPT_RECORD = "_corrupt_record"  # Spark's column for JSON and CSV lines it cannot parse
 SOURCE_FILE = "_source_file"  # added by read_source to a file source: the file of each row
 SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
-
-
-class InputError(ValueError):
-    """The input cannot be read as configured; the message says what exists instead."""
 
 
 def resolve_input_path(path: str) -> str:

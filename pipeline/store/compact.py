@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from pyspark.sql import SparkSession
 
-from pipeline.store.delta import TableRef, with_commit_retries
+from pipeline.store.delta import TableNotFoundError, TableRef, with_commit_retries
 from pipeline.store.runs import append_run
 
 
@@ -45,7 +45,7 @@ def compact(spark: SparkSession, table: TableRef, zorder_by_doc_id: bool = False
     """OPTIMIZE (ZORDER BY doc_id when asked), then purge deletion vectors; recorded as a run
     with mode `compact`, a failed one too. The rows read the same before and after."""
     if not table.exists(spark):
-        raise FileNotFoundError(f"no Delta table at {table.location}")
+        raise TableNotFoundError(f"no Delta table at {table.location}")
     run_id, started, clock = uuid.uuid4().hex[:16], datetime.now(timezone.utc), time.perf_counter()
     options = {"zorder_by_doc_id": zorder_by_doc_id,
                "purge_deletion_vectors": purge_deletion_vectors}

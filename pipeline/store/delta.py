@@ -18,6 +18,8 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipeline.errors import PipelineError
+
 VECTOR_DDL = (
     "doc_id string, chunk_index int, chunk_text string, char_start int, char_end int, "
     "token_count int, embedding array<float>, embedding_packed binary, embedding_scale float, "
@@ -39,8 +41,12 @@ CONFLICTS = (
 )
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(PipelineError, ValueError):
     """The table holds vectors of another model: mixing them would make scores meaningless."""
+
+
+class TableNotFoundError(PipelineError, FileNotFoundError):
+    """No Delta table where one was named."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,7 @@ def is_commit_conflict(error: Exception) -> bool:
     return bool(CONFLICT_NAMES.search(f"{condition} {type(error).__name__} {error}"[:2000]))
 
 
-class CommitConflictError(RuntimeError):
+class CommitConflictError(PipelineError, RuntimeError):
     """Another writer kept winning the race for the table; a rerun converges."""
 
 
