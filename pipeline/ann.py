@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-from pipeline.errors import MissingDependencyError
+from pipeline.errors import InputError, MissingDependencyError
 from pipeline.search import Queries, decoded_vectors, exact_search, read_vectors
 from pipeline.vectors import arrow_matrix, unit_rows
 
@@ -90,7 +90,7 @@ def build_index(spark: SparkSession, vectors: str, folder: str, metric: str = "c
     frame = decoded_vectors(frame, properties)
     table = _to_arrow(frame.select("doc_id", "chunk_index", "embedding"))
     if table.num_rows == 0:
-        raise ValueError(f"{vectors} holds no vectors to index")
+        raise InputError(f"{vectors} holds no vectors to index")
     matrix = arrow_matrix(table.column("embedding"))
     if metric == "cosine":
         matrix = unit_rows(matrix)

@@ -15,6 +15,7 @@ from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from pipeline.errors import UsageError
 from pipeline.search import decoded_vectors, read_vectors
 from pipeline.store.delta import TableRef
 
@@ -139,7 +140,9 @@ def run_clustering(spark: SparkSession, vectors: str, output: str, ks: list[int]
                    examples: int = 3, terms: int = 8) -> ClusterReport:
     """Cluster a vectors table; write `<output>_assignments` and `<output>_centroids`."""
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
+        raise UsageError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
+    if not ks or min(ks) < 2:
+        raise UsageError(f"clustering needs values of k of at least 2 (--k), got {ks}")
     features = load_features(spark, vectors).cache()
     k, model, silhouettes = fit_best(features, ks, algorithm, seed)
     centroids = np.array([np.asarray(c) for c in model.clusterCenters()])

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.errors import InputError, UsageError
+
 Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Mapping[str, float]]
 
@@ -51,7 +53,7 @@ def rank_docs(scores: Mapping[str, float], k: int | None = None) -> list[str]:
 
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise UsageError(f"k must be a positive integer, got {k!r}")
 
 
 # Per-query metrics take the relevances of the ranked top-k docs (0 when unjudged) and the
@@ -103,7 +105,7 @@ def _evaluate(qrels: Qrels, run: Run, metrics: Mapping[str, tuple[_PerQuery, int
         for name, (metric, k) in metrics.items():
             sums[name] += metric(ranked, relevant, k)
     if not n_queries:
-        raise ValueError("qrels have no query with a relevant document (relevance > 0)")
+        raise InputError("qrels have no query with a relevant document (relevance > 0)")
     return {name: total / n_queries for name, total in sums.items()}
 
 
@@ -153,14 +155,14 @@ def read_qrels(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
             if lineno == 1 and fields[:1] == ["query-id"]:
                 continue
             if len(fields) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, "
+                raise InputError(f"{path}:{lineno}: expected 3 tab-separated fields, "
                                  f"got {len(fields)}")
             qid, doc, score = fields
             try:
                 relevance = int(score)
             except ValueError:
                 msg = f"{path}:{lineno}: relevance {score!r} is not an integer"
-                raise ValueError(msg) from None
+                raise InputError(msg) from None
             qrels.setdefault(qid, {})[doc] = relevance
     return qrels
 

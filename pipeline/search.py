@@ -34,6 +34,7 @@ from pipeline.config import (
     build_dataclass,
     default_model_id,
 )
+from pipeline.errors import InputError, UsageError
 from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
 from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
@@ -73,7 +74,7 @@ class Queries:
         if len(self.ids) != len(self.vectors):
             raise ValueError(f"{len(self.ids)} query ids for {len(self.vectors)} vectors")
         if len(set(self.ids)) != len(self.ids):
-            raise ValueError("query ids must be unique")
+            raise InputError("query ids must be unique")
 
 
 # --- Spark glue ----------------------------------------------------------------------------
@@ -87,9 +88,9 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
     dot takes them as they are. Binary vectors score as -1/+1 against the float queries.
     `with_text` adds the hits' `chunk_text`, carried through the scoring from the same scan."""
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UsageError(f"k must be at least 1, got {k}")
     normalize = metric == "cosine"
     matrix = np.asarray(queries.vectors, dtype=np.float32)
     if normalize:
@@ -209,14 +210,14 @@ def embed_queries(frame: DataFrame, worker: WorkerSpec, partitions: int,
                 .withColumn("embedding", embedding_udf(worker, "query")("text"))
                 .select("query_id", "embedding").toPandas())
     if embedded.empty:
-        raise ValueError("no queries to search")
+        raise InputError("no queries to search")
     return Queries(embedded.query_id.tolist(), np.stack(embedded.embedding.to_numpy())
                    .astype(np.float32))
 
 
 def _embed_here(ids: list[str], texts: list[str], worker: WorkerSpec) -> Queries:
     if not ids:
-        raise ValueError("no queries to search")
+        raise InputError("no queries to search")
     with _DRIVER_ENCODER:
         encoder = _driver_encoder(worker)
         return Queries(ids, np.asarray(encoder.embed(texts, "query"), dtype=np.float32))
@@ -294,7 +295,7 @@ def query_frame(spark: SparkSession, texts: list[str], source: InputSettings | N
         frames.append(table.select(F.col(source.id_col).cast("string").alias("query_id"),
                                    F.col(source.text_col).cast("string").alias("text")))
     if not frames:
-        raise ValueError("give queries: --query TEXT (repeatable) or --queries FILE_OR_TABLE")
+        raise UsageError("give queries: --query TEXT (repeatable) or --queries FILE_OR_TABLE")
     combined = frames[0]
     for frame in frames[1:]:
         combined = combined.unionByName(frame)
