@@ -13,10 +13,19 @@ import dataclasses
 import gc
 import sys
 
+from pipeline.cli import job_entry
 from pipeline.cluster import ALGORITHMS, run_clustering
-from pipeline.config import SettingsError, add_profile_arguments, load_settings
-from pipeline.logs import configure_job_logging, print_json_result
+from pipeline.config import add_profile_arguments, load_settings
 from pipeline.spark.session import get_spark, is_connect
+
+
+def k_values(text: str) -> list[int]:
+    """`--k 4` or `--k 4,6,8`."""
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers with commas, got {text!r}"
+                                         ) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vectors", required=True, help="the vectors table (path or name)")
     parser.add_argument("--output", required=True,
                         help="prefix of the assignments and centroids tables")
-    parser.add_argument("--k", default="4,6,8,10",
+    parser.add_argument("--k", type=k_values, default="4,6,8,10",
                         help="clusters: one k, or a comma list to choose by silhouette")
     parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="kmeans")
     parser.add_argument("--plot", help="PNG path for the 2-D projection coloured by cluster")
@@ -33,22 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_job_logging()
+@job_entry
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    ks = [int(k) for k in args.k.split(",") if k.strip()]
-    if not ks or min(ks) < 2:
-        print("error: --k needs values of at least 2", file=sys.stderr)
-        return 2
-    try:
-        settings = load_settings(args.config, args.overrides, require_io=False)
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config, args.overrides, require_io=False)
     spark = get_spark(dataclasses.replace(settings.spark, app_name="cluster-embeddings"))
     try:
-        report = run_clustering(spark, args.vectors, args.output, ks, args.algorithm, args.plot,
-                                args.seed)
+        report = run_clustering(spark, args.vectors, args.output, args.k, args.algorithm,
+                                args.plot, args.seed)
     finally:
         if is_connect(spark):
             # MLlib models over Spark Connect release their server-side copies when collected;
@@ -61,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(report.top_terms.get(cluster, []))}")
         for text in report.typical_texts.get(cluster, []):
             print(f"    - {text[:120]}")
-    print_json_result(report.to_dict())
-    return 0
+    return report.to_dict()
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import SettingsError, add_profile_arguments, load_settings
-from pipeline.logs import configure_job_logging, print_json_result
+from pipeline.cli import job_entry
+from pipeline.config import add_profile_arguments, load_settings
 from pipeline.spark.session import get_spark
 from pipeline.store.compact import compact
-from pipeline.store.delta import CommitConflictError, TableRef
+from pipeline.store.delta import TableRef
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,21 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_job_logging()
+@job_entry
+def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    try:
-        settings = load_settings(args.config, args.overrides)
-        spark = get_spark(settings.spark)
-        table = TableRef.parse(args.table or settings.output.path)
-        report = compact(spark, table, zorder_by_doc_id=args.zorder,
-                         purge_deletion_vectors=args.purge,
-                         retries=settings.output.commit_retries)
-    except (SettingsError, FileNotFoundError, CommitConflictError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print_json_result(report.to_json())
-    return 0
+    settings = load_settings(args.config, args.overrides)
+    spark = get_spark(settings.spark)
+    table = TableRef.parse(args.table or settings.output.path)
+    report = compact(spark, table, zorder_by_doc_id=args.zorder,
+                     purge_deletion_vectors=args.purge, retries=settings.output.commit_retries)
+    return report.to_json()
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from pipeline.config import FLAG_KEYS, SettingsError, add_profile_arguments, load_settings
+from pipeline.cli import job_entry
+from pipeline.config import FLAG_KEYS, add_profile_arguments, load_settings
 from pipeline.embed import interrupt_spark_jobs, run_embedding
-from pipeline.logs import configure_job_logging, print_json_result
-from pipeline.model.spec import ModelSpecError
-from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
 from pipeline.store.compact import compact
-from pipeline.store.delta import CommitConflictError, ModelMismatchError, TableRef
+from pipeline.store.delta import TableRef
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,27 +61,21 @@ def exit_on_sigterm(spark: SparkSession) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_job_logging()
+@job_entry
+def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    try:
-        settings = load_settings(args.config, args.overrides,
-                                 {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()})
-        spark = get_spark(settings.spark)
-        exit_on_sigterm(spark)
-        summary = run_embedding(spark, settings, dry_run=args.dry_run)
-        if args.compact and not args.dry_run:
-            report = compact(spark, TableRef.parse(settings.output.path),
-                             retries=settings.output.commit_retries)
-            logging.getLogger("pipeline.embed").info("compacted: %s", report.to_json())
-    except (SettingsError, InputError, ModelSpecError, ModelMismatchError,
-            CommitConflictError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config, args.overrides,
+                             {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()})
+    spark = get_spark(settings.spark)
+    exit_on_sigterm(spark)
+    summary = run_embedding(spark, settings, dry_run=args.dry_run)
+    if args.compact and not args.dry_run:
+        report = compact(spark, TableRef.parse(settings.output.path),
+                         retries=settings.output.commit_retries)
+        logging.getLogger("pipeline.embed").info("compacted: %s", report.to_json())
     if args.summary_file:
         Path(args.summary_file).write_text(summary.to_json() + "\n")
-    print_json_result(summary.to_json())
-    return 0
+    return summary.to_json()
 
 
 if __name__ == "__main__":

@@ -17,14 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import CHUNK_MODES, SettingsError, add_profile_arguments, load_settings
+from pipeline.cli import job_entry
+from pipeline.config import CHUNK_MODES, add_profile_arguments, load_settings
 from pipeline.evaluate import evaluate_retrieval
-from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.metrics import markdown_table
-from pipeline.model.spec import ModelSpecError
-from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
-from pipeline.store.delta import ModelMismatchError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,18 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_job_logging()
+@job_entry
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
-        settings = load_settings(args.config, args.overrides, {
-            "model.name": args.model, "chunking.mode": args.chunking}, require_io=False)
-        spark = get_spark(settings.spark)
-        report = evaluate_retrieval(spark, settings, args.dataset, args.split, args.vectors,
-                                    compare_reference=args.compare_sentence_transformers)
-    except (SettingsError, InputError, ModelSpecError, ModelMismatchError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config, args.overrides, {
+        "model.name": args.model, "chunking.mode": args.chunking}, require_io=False)
+    spark = get_spark(settings.spark)
+    report = evaluate_retrieval(spark, settings, args.dataset, args.split, args.vectors,
+                                compare_reference=args.compare_sentence_transformers)
     rows = {"pipeline (Spark -> Delta -> exact search)": report.scores}
     if report.reference is not None:
         rows["sentence-transformers + NumPy"] = report.reference
@@ -62,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    print_json_result({**report.scores, "report": report.to_dict()})
-    return 0
+    return {**report.scores, "report": report.to_dict()}
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import SettingsError, add_profile_arguments, load_settings
-from pipeline.logs import configure_job_logging, print_json_result
-from pipeline.model.spec import ModelSpecError
+from pipeline.cli import job_entry
+from pipeline.config import add_profile_arguments, load_settings
 from pipeline.similarity import score_pairs
-from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
 
 
@@ -39,29 +37,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_job_logging()
+@job_entry
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
-        settings = load_settings(args.config, args.overrides, {
-            "input.path": args.input, "input.format": args.format, "model.name": args.model},
-            require_io=False)
-        spark = get_spark(settings.spark)
-        scored, report = score_pairs(spark, settings, args.text_a_col, args.text_b_col,
-                                     args.gold_col, args.kind, args.output)
-        reference = (compare_reference(scored, settings, args)
-                     if args.compare_sentence_transformers and args.gold_col else None)
-    except (SettingsError, InputError, ModelSpecError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config, args.overrides, {
+        "input.path": args.input, "input.format": args.format, "model.name": args.model},
+        require_io=False)
+    spark = get_spark(settings.spark)
+    scored, report = score_pairs(spark, settings, args.text_a_col, args.text_b_col,
+                                 args.gold_col, args.kind, args.output)
+    reference = (compare_reference(scored, settings, args)
+                 if args.compare_sentence_transformers and args.gold_col else None)
     if report.pearson is not None:
         print(f"{report.scored} pairs: pearson {report.pearson:.4f}, "
               f"spearman {report.spearman:.4f}")
     if reference is not None:
         print(f"sentence-transformers: pearson {reference['pearson']:.4f}, "
               f"spearman {reference['spearman']:.4f}")
-    print_json_result({**report.to_dict(), "reference": reference})
-    return 0
+    return {**report.to_dict(), "reference": reference}
 
 
 def compare_reference(scored, settings, args: argparse.Namespace) -> dict[str, float]:

@@ -15,9 +15,8 @@ import argparse
 import sys
 import time
 
+from pipeline.cli import job_entry
 from pipeline.config import InputSettings, SettingsError, add_profile_arguments, load_settings
-from pipeline.logs import configure_job_logging, print_json_result
-from pipeline.model.spec import ModelSpecError
 from pipeline.search import (
     METRICS,
     SearchReport,
@@ -27,9 +26,7 @@ from pipeline.search import (
     result_counts,
     search_table,
 )
-from pipeline.spark.io import InputError
 from pipeline.spark.session import get_spark
-from pipeline.store.delta import ModelMismatchError
 from pipeline.store.outputs import write_output
 
 
@@ -52,48 +49,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_job_logging()
+@job_entry
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    try:
-        settings = load_settings(args.config, args.overrides, {"model.name": args.model},
-                                 require_io=False)
-        vectors = args.vectors or settings.output.path
-        if not vectors:
-            raise SettingsError("which table? --vectors (the profile sets no output.path)")
-        spark = get_spark(settings.spark)
-        if args.export_index:
-            return export_index(spark, vectors, args)
-        import_encoder_in_background()  # while this process mostly waits on Spark's reads
-        # query ids are only labels: a numeric id column is read as text
-        source = (InputSettings(path=args.queries, id_col=args.query_id_col,
-                                text_col=args.query_text_col, cast_columns=True)
-                  if args.queries else None)
-        queries = query_frame(spark, args.query, source)
-        results, spec = search_table(spark, settings, vectors, queries, args.k, args.documents,
-                                     args.metric, explicit_model=args.model is not None,
-                                     instruction=args.instruction, with_text=not args.output)
-        if args.output:
-            results = results.cache()
-            output = write_output(results.orderBy("query_id", "rank"), args.output)
-            rows, asked = result_counts(results)
-        else:
-            output = None
-            hits = ranked_rows(results)
-            print_results(hits)
-            rows, asked = len(hits), len({hit.query_id for hit in hits})
-    except (SettingsError, InputError, ModelSpecError, ModelMismatchError, ValueError,
-            FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config, args.overrides, {"model.name": args.model},
+                             require_io=False)
+    vectors = args.vectors or settings.output.path
+    if not vectors:
+        raise SettingsError("which table? --vectors (the profile sets no output.path)")
+    spark = get_spark(settings.spark)
+    if args.export_index:
+        return export_index(spark, vectors, args)
+    import_encoder_in_background()  # while this process mostly waits on Spark's reads
+    # query ids are only labels: a numeric id column is read as text
+    source = (InputSettings(path=args.queries, id_col=args.query_id_col,
+                            text_col=args.query_text_col, cast_columns=True)
+              if args.queries else None)
+    queries = query_frame(spark, args.query, source)
+    results, spec = search_table(spark, settings, vectors, queries, args.k, args.documents,
+                                 args.metric, explicit_model=args.model is not None,
+                                 instruction=args.instruction, with_text=not args.output)
+    if args.output:
+        results = results.cache()
+        output = write_output(results.orderBy("query_id", "rank"), args.output)
+        rows, asked = result_counts(results)
+    else:
+        output = None
+        hits = ranked_rows(results)
+        print_results(hits)
+        rows, asked = len(hits), len({hit.query_id for hit in hits})
     report = SearchReport(vectors=vectors, model_id=spec.model_id,
                           queries=asked, k=args.k,
                           level="document" if args.documents else "chunk", metric=args.metric,
                           rows=rows, output=output,
                           seconds=round(time.perf_counter() - started, 2))
-    print_json_result(report.to_dict())
-    return 0
+    return report.to_dict()
 
 
 def print_results(hits: list) -> None:
@@ -104,12 +95,10 @@ def print_results(hits: list) -> None:
               f"{snippet}")
 
 
-def export_index(spark, vectors: str, args: argparse.Namespace) -> int:
+def export_index(spark, vectors: str, args: argparse.Namespace) -> dict:
     from pipeline.ann import build_index
 
-    report = build_index(spark, vectors, args.export_index, args.metric)
-    print_json_result(report.to_dict())
-    return 0
+    return build_index(spark, vectors, args.export_index, args.metric).to_dict()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from jobs import cluster_embeddings
 from pipeline.cluster import run_clustering
 from tests.conftest import delta_rows
 
@@ -53,3 +56,19 @@ def test_bisecting_kmeans_with_a_single_k(spark, planted):
     report = run_clustering(spark, str(folder / "vectors"), str(folder / "bisect"), [4],
                             algorithm="bisecting")
     assert report.k == 4 and sorted(report.sizes.values()) == [100, 100, 100, 100]
+
+
+def test_the_job_takes_a_profile_and_prints_its_report_last(spark, planted, tmp_path, capsys):
+    """--config: a profile's settings reach the job (an unknown key is refused, naming it), and
+    a valid one runs it."""
+    folder, _ = planted
+    args = ["--vectors", str(folder / "vectors"), "--output", str(tmp_path / "out"), "--k", "4"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("spark:\n  mastr: local[1]\n")
+    assert cluster_embeddings.main(["--config", str(broken), *args]) == 2
+    assert "spark.mastr" in capsys.readouterr().err
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("model:\n  name: unused\nspark:\n  partitions: 2\n")
+    assert cluster_embeddings.main(["--config", str(profile), *args]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["k"] == 4 and sorted(report["sizes"].values()) == [100, 100, 100, 100]
