@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import shutil
 
 import numpy as np
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 
 from pipeline.config import ModelSettings
+from pipeline.model.encode import Encoder
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
 
@@ -87,15 +90,67 @@ def test_matryoshka_output_dim_is_normalised_prefix_of_full_vector(minilm_path):
         ModelSettings(name=str(minilm_path))).fingerprint
 
 
+class WatchedModel(torch.nn.Module):
+    """The real model, recording the (rows, padded length) of every forward pass; with
+    `fits_rows`, a pass over more rows raises CUDA's out-of-memory error instead, as a GPU
+    would for a batch too big for it."""
+
+    def __init__(self, model: torch.nn.Module, fits_rows: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.fits_rows = fits_rows
+        self.passes: list[tuple[int, int]] = []
+        self.out_of_memory: list[tuple[int, int]] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
+        if self.fits_rows is not None and shape[0] > self.fits_rows:
+            self.out_of_memory.append(shape)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.passes.append(shape)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def watched_encoder(encoder: Encoder, max_batch_tokens: int, max_batch_rows: int,
+                    fits_rows: int | None = None) -> tuple[Encoder, WatchedModel]:
+    """A view of the same loaded model, tokenizer and spec under its own batch limits, whose
+    model is watched."""
+    view = copy.copy(get_encoder(encoder.spec, max_batch_tokens, max_batch_rows))
+    view.model = WatchedModel(view.model, fits_rows)
+    return view, view.model
+
+
+BUDGET_TEXTS = [f"document number {i} " + "filler " * (i * 7 % 90) for i in range(40)]
+
+
 def test_token_budget_batching_embeds_every_row_once_in_input_order(minilm_encoder):
-    texts = [f"document number {i} " + "filler " * (i * 7 % 90) for i in range(40)]
-    one_by_one = np.stack([minilm_encoder.embed([text])[0] for text in texts])
-    ids = minilm_encoder.tokenize(texts)
-    batched, padded = minilm_encoder.embed_ids(ids)
+    one_by_one = np.stack([minilm_encoder.embed([text])[0] for text in BUDGET_TEXTS])
+    encoder, model = watched_encoder(minilm_encoder, max_batch_tokens=300, max_batch_rows=8)
+    ids = encoder.tokenize(BUDGET_TEXTS)
+    batched, padded = encoder.embed_ids(ids)
     assert max_abs_diff(batched, one_by_one) <= 1e-5
+    assert sum(rows for rows, _ in model.passes) == len(ids), "every row embedded once"
+    assert any(rows > 1 for rows, _ in model.passes), "rows were batched"
+    assert all(rows <= 8 and rows * longest <= 300 for rows, longest in model.passes)
+    assert max(rows * longest for rows, longest in model.passes) > 300 // 2, "the budget binds"
     lengths = np.array([len(row) for row in ids])
     assert (padded >= lengths).all()
-    assert padded.max() * 1 <= minilm_encoder.max_batch_tokens
+    assert padded.sum() == sum(rows * longest for rows, longest in model.passes), (
+        "each row is charged its batch's padded length")
+
+
+def test_out_of_memory_inside_embed_ids_halves_batches_to_the_unsplit_vectors(minilm_encoder):
+    unsplit_encoder, unsplit_model = watched_encoder(minilm_encoder, 4096, 16)
+    ids = unsplit_encoder.tokenize(BUDGET_TEXTS)
+    unsplit, unsplit_padded = unsplit_encoder.embed_ids(ids)
+    assert max(rows for rows, _ in unsplit_model.passes) > 3
+    encoder, model = watched_encoder(minilm_encoder, 4096, 16, fits_rows=3)
+    vectors, padded = encoder.embed_ids(ids)
+    assert model.out_of_memory, "batches above three rows ran out of memory"
+    assert all(rows <= 3 for rows, _ in model.passes)
+    assert sum(rows for rows, _ in model.passes) == len(ids), "every row embedded once"
+    assert max_abs_diff(vectors, unsplit) <= 1e-5
+    assert (padded == unsplit_padded).all()
 
 
 def test_window_chunks_cover_the_text_with_configured_overlap(minilm_encoder):
