@@ -44,13 +44,12 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import json
 import os
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,17 +58,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.embed import (
+from benchmarks.harness import (
     DEFAULT_MODEL,
-    REPO,
     SAMPLE_CORPUS,
+    SHARED_DATA,
     WARMUP_TEXTS,
     Timed,
     code_version,
     default_corpus,
+    jsonl_rows,
     machine,
-    model_settings,
+    markdown_table,
+    parse_list,
     read_documents,
+    write_results,
 )
 from pipeline.config import load_settings
 from pipeline.metrics import ndcg_at_k, read_qrels, spearman
@@ -79,7 +81,6 @@ from pipeline.model.spec import ModelSpec, resolve_model_spec
 from pipeline.text import document_text
 from pipeline.vectors import row_cosines
 
-SHARED_DATA = REPO / ".." / "shared" / "data"
 STS_TEST = SHARED_DATA / "stsbenchmark" / "sts-test.csv"
 SCIFACT = SHARED_DATA / "scifact"
 PRECISIONS = ("fp32", "bf16", "int8", "int8_selective")
@@ -173,8 +174,7 @@ def build_encoders(spec: ModelSpec, precisions: Sequence[str], batch: Any) -> di
     for name in ("int8", "int8_selective"):
         if name in precisions:
             encoders[name] = Encoder(fp32.spec, quantize_linear(fp32.model, name != "int8"),
-                                     fp32.tokenizer, fp32.device, batch.max_batch_tokens,
-                                     batch.max_batch_rows, batch.min_fill)
+                                     fp32.tokenizer, fp32.device, batch, fp32.tokens)
     return encoders
 
 
@@ -305,21 +305,13 @@ def scifact_subset(folder: Path, queries: int, distractors: int
     """The first `queries` test queries with judgements, their relevant documents, and the
     first `distractors` corpus documents: (doc id, text), (query id, text), qrels."""
     qrels_all = read_qrels(folder / "qrels" / "test.tsv")
-    asked = []
-    with (folder / "queries.jsonl").open(encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            if str(row["_id"]) in qrels_all and len(asked) < queries:
-                asked.append((str(row["_id"]), row["text"]))
+    asked = [(str(row["_id"]), row["text"]) for row in jsonl_rows(folder / "queries.jsonl")
+             if str(row["_id"]) in qrels_all][:queries]
     qrels = {qid: qrels_all[qid] for qid, _ in asked}
     wanted = {doc for judged in qrels.values() for doc in judged}
-    docs = []
-    with (folder / "corpus.jsonl").open(encoding="utf-8") as handle:
-        for index, line in enumerate(handle):
-            row = json.loads(line)
-            if str(row["_id"]) in wanted or index < distractors:
-                docs.append((str(row["_id"]), document_text(row.get("text") or "",
-                                                            row.get("title"))))
+    docs = [(str(row["_id"]), document_text(row.get("text") or "", row.get("title")))
+            for index, row in enumerate(jsonl_rows(folder / "corpus.jsonl"))
+            if str(row["_id"]) in wanted or index < distractors]
     return docs, asked, qrels
 
 
@@ -411,8 +403,9 @@ def add_quality(rows: list[dict], vectors: dict[str, np.ndarray], sts: dict | No
 
 
 COLUMNS = [
-    ("threads", "threads", "{}"), ("variant", "variant", "{}"), ("tokens_per_s", "tok/s", "{:.0f}"),
-    ("vs_fp32", "x fp32", "{:.2f}"), ("tokens_per_cpu_s", "tok/CPU-s", "{:.0f}"),
+    ("threads", "threads", "{}"), ("variant", "variant", "{}"),
+    ("tokens_per_s_runs", "tok/s", "{}"), ("vs_fp32", "x fp32", "{:.2f}"),
+    ("tokens_per_cpu_s", "tok/CPU-s", "{:.0f}"),
     ("tokenize_share", "tokenize %", "{:.1%}"), ("other_cores", "others' cores", "{:.2f}"),
     ("sts_spearman", "STS-B Spearman", "{:.4f}"), ("sts_delta", "Δ vs fp32", "{:+.4f}"),
     ("min_cos_vs_fp32", "min cos vs fp32", "{:.4f}"),
@@ -421,16 +414,13 @@ COLUMNS = [
 ]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    columns = [column for column in COLUMNS if any(column[0] in row for row in rows)]
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
-             "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
-        runs = "/".join(f"{run['tokens_per_s']:.0f}" for run in row["runs"])
-        cells[[key for key, _, _ in columns].index("tokens_per_s")] += f" ({runs})"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def results_table(rows: list[dict]) -> str:
+    """The rows as Markdown, in the columns some row has; tok/s with every run's beside it."""
+    shown = [{**row, "tokens_per_s_runs": f"{row['tokens_per_s']:.0f} ("
+              + "/".join(f"{run['tokens_per_s']:.0f}" for run in row["runs"]) + ")"}
+             for row in rows]
+    return markdown_table(shown, [column for column in COLUMNS
+                                  if any(column[0] in row for row in shown)])
 
 
 def pick_corpus(args: argparse.Namespace, notes: list[str]) -> Path:
@@ -449,7 +439,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     corpus = pick_corpus(args, notes)
     texts = [text for _, text in read_documents(corpus, args.limit)]
     settings = load_settings("local", [], {"model.name": args.model})
-    spec = resolve_model_spec(model_settings(args.model))
+    spec = resolve_model_spec(settings.model)
     precisions = [p for p in PRECISIONS if p == "fp32" or any(
         VARIANTS[v][0] == p for v in args.variants)]
     encoders = build_encoders(spec, precisions, settings.batch)
@@ -504,18 +494,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def parse_list(kind: Callable[[str], Any], allowed: Sequence[Any] | None = None
-               ) -> Callable[[str], list]:
-    def parse(value: str) -> list:
-        items = [kind(item.strip()) for item in value.split(",") if item.strip()]
-        unknown = [item for item in items if allowed is not None and item not in allowed]
-        if unknown or not items:
-            choices = f"; choose from {list(allowed)}" if allowed is not None else ""
-            raise argparse.ArgumentTypeError(f"{value!r}: empty or unknown item(s){choices}")
-        return items
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=None,
@@ -548,13 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     if "fp32" not in args.variants:
         args.variants = ["fp32", *args.variants]  # the baseline every ratio is against
     report = run_benchmark(args)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_results("benchmark_cpu", report, args.json)
     flags = report["cpu"]
     print(f"CPU: {report['machine']['cpu']}; bf16 native: {flags['bf16_native']}; "
           + ", ".join(f"{flag}={'yes' if on else 'no'}" for flag, on in flags["flags"].items()))
     print(f"{report['texts']} texts, {report['results'][0]['tokens']} tokens; "
           f"STS pairs: {report['sts_pairs']}")
-    print(markdown_table(report["results"]))
+    print(results_table(report["results"]))
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"wrote {args.json}", file=sys.stderr)

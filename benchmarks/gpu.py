@@ -53,12 +53,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import (
+    SHARED,
+    WIKI_CORPUS,
+    jsonl_rows,
+    markdown_table,
+    parse_list,
+    split_list,
+    write_results,
+)
 from pipeline.model.encode import pad_rows, plan_batches, pool
 
-REPO = Path(__file__).resolve().parent.parent
-
-WIKI_CORPUS = REPO.parent / "shared" / "data" / "wiki-en" / "paragraphs.en.jsonl"
-QWEN3_TOKENIZER = REPO.parent / "shared" / "qwen3-tokenizer"
+QWEN3_TOKENIZER = SHARED / "qwen3-tokenizer"
 
 # Qwen/Qwen3-Embedding-4B config.json (151,665 ids: the Qwen2.5/3 BPE plus 22 added tokens).
 QWEN3_EMBEDDING_4B: dict[str, Any] = {
@@ -97,6 +103,7 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 TARGET_MFU = 0.5
 FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+LENGTH_SETS = ("real", "fixed", "lognormal")
 VARLEN = "varlen"  # mode name of torch's varlen_attn, registered below as "torch_varlen"
 
 
@@ -166,12 +173,7 @@ class LengthSet:
 def corpus_lengths(path: Path, tokenizer_dir: Path | None) -> tuple[list[int], str]:
     """Tokens of each non-blank `text` of a JSONL corpus, with the special token the Qwen3
     tokenizer appends; chars/4 + 1 where the tokenizer folder is missing."""
-    texts = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            text = json.loads(line).get("text") or ""
-            if text.strip():
-                texts.append(text)
+    texts = [text for row in jsonl_rows(path) if (text := row.get("text") or "").strip()]
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         from transformers import AutoTokenizer
 
@@ -595,29 +597,19 @@ def run_configuration(model, lengths: LengthSet, rows: list[list[int]], mode: Mo
 # ---------------------------------------------------------------- report
 
 
+def percent_or_na(mfu: float | None) -> str:
+    """MFU as a percentage; n/a where the device's peak is unknown."""
+    return "n/a" if mfu is None else f"{mfu:.1%}"
+
+
 COLUMNS = [
     ("lengths", "lengths", "{}"), ("mode", "mode", "{}"), ("budget", "budget", "{}"),
     ("batches", "batches", "{}"), ("docs", "docs", "{}"), ("tokens", "tokens", "{}"),
     ("padding_efficiency", "pad eff", "{:.3f}"), ("tokens_per_s", "tok/s", "{:,.0f}"),
-    ("useful_tflops", "TFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
+    ("useful_tflops", "TFLOP/s", "{:.1f}"), ("mfu", "MFU", percent_or_na),
     ("peak_memory_gib", "peak GiB", "{:.1f}"), ("agreement_min_cosine", "cos vs ref", "{:.4f}"),
     ("status", "status", "{}"),
 ]
-
-
-def cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    value = row.get(key)
-    if value is None:
-        return "n/a" if key == "mfu" else "-"
-    return fmt.format(value)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |"
-              for row in rows]
-    return "\n".join(lines)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -648,23 +640,11 @@ def architecture(config) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-def parse_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
 def parse_budgets(value: str) -> list[int]:
-    budgets = [int(item) for item in parse_list(value)]
+    budgets = [int(item) for item in split_list(value)]
     if not budgets or min(budgets) <= 0:
         raise argparse.ArgumentTypeError("budgets are positive token counts, e.g. 16384,32768")
     return budgets
-
-
-def parse_lengths(value: str) -> list[str]:
-    names = parse_list(value)
-    unknown = sorted(set(names) - {"real", "fixed", "lognormal"})
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown length sets {unknown}: real, fixed, lognormal")
-    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -679,7 +659,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="auto",
                         help="comma list of sdpa, flash_attention_2, flash_attention_3, each "
                              "optionally +packed, and varlen+packed; auto: what the device has")
-    parser.add_argument("--lengths", type=parse_lengths, default=["real", "fixed"],
+    parser.add_argument("--lengths", type=parse_list(str, LENGTH_SETS),
+                        default=["real", "fixed"],
                         help="length sets: real (corpus, else lognormal), fixed, lognormal")
     parser.add_argument("--docs", type=int, default=4096, help="documents per length set")
     parser.add_argument("--max-length", type=int, default=512,
@@ -705,7 +686,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.modes = (None if args.modes == "auto"
-                      else [Mode.parse(name) for name in parse_list(args.modes)])
+                      else [Mode.parse(name) for name in split_list(args.modes)])
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
     return args
@@ -751,9 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                                            args, device, dtype)
                 row = result.row(peak)
                 rows_out.append(row)
-                mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
                 print(f"[{lengths.name}] {mode.name} @ {budget}: {row['status']}, "
-                      f"{row['tokens_per_s'] or 0:,.0f} tok/s, MFU {mfu}",
+                      f"{row['tokens_per_s'] or 0:,.0f} tok/s, MFU {percent_or_na(row['mfu'])}",
                       file=sys.stderr, flush=True)
     report = {
         "environment": env, "architecture": architecture(config),
@@ -766,8 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         "setup_s": round(build_started + build_s - started, 2), "results": rows_out,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(rows_out))
+    write_results("benchmark_gpu", report, args.json)
+    print(markdown_table(rows_out, COLUMNS))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import shutil
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.harness import markdown_table, write_results
+from benchmarks.harness import SAMPLE_CORPUS, jsonl_rows, markdown_table, write_results
 from benchmarks.near_free_model import build_near_free_model
 from pipeline.config import load_settings
 from pipeline.embed import run_embedding
@@ -34,12 +33,10 @@ from pipeline.spark.session import get_spark
 from pipeline.store.compact import compact, table_files
 from pipeline.store.delta import TableRef
 
-SAMPLE = Path(__file__).resolve().parent.parent / "pipeline" / "data" / "sample_corpus.jsonl"
-
 
 def vocabulary() -> list[str]:
-    words = {word for line in SAMPLE.read_text().splitlines()
-             for word in json.loads(line)["text"].split() if word.isalpha()}
+    words = {word for row in jsonl_rows(SAMPLE_CORPUS) for word in row["text"].split()
+             if word.isalpha()}
     return sorted(words)
 
 

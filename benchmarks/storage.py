@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
+from benchmarks.harness import jsonl_rows, markdown_table, write_results
 from pipeline.config import add_profile_arguments, load_settings
 from pipeline.evaluate import beir_files
 from pipeline.logs import configure_job_logging, print_json_result
@@ -37,6 +38,10 @@ from pipeline.vectors import VECTOR_FORMATS, arrow_matrix, stored_vectors, unit_
 
 VARIANT_DDL = ("doc_id string, chunk_index int, embedding array<float>, "
                "embedding_packed binary, embedding_scale float")
+COLUMNS = [("format", "format", "{}"), ("dim", "dim", "{}"),
+           ("vector_bytes", "bytes/vector", "{:.0f}"),
+           ("size_vs_float32", "vs float32", "{:.3f}"), ("ndcg@10", "nDCG@10", "{:.4f}"),
+           ("ndcg@10_delta", "delta", "{:+.4f}"), ("recall@100", "Recall@100", "{:.4f}")]
 
 
 def repack(fmt: str, dim: int):
@@ -95,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dims: the table's vectors have {spec.dimension} dimensions")
     _, queries_path, qrels_path = beir_files(args.dataset, args.split)
     qrels = read_qrels(qrels_path)
-    asked = [q for q in map(json.loads, queries_path.read_text().splitlines())
-             if str(q["_id"]) in qrels]
+    asked = [q for q in jsonl_rows(queries_path) if str(q["_id"]) in qrels]
     encoder = get_encoder(spec, 16384, 256)
     query_matrix = encoder.embed([q["text"] for q in asked], "query")
     source = spark.read.format("delta").load(args.vectors).select("doc_id", "chunk_index",
@@ -121,16 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["size_vs_float32"] = round(row["vector_bytes"] / base["vector_bytes"], 4)
         row["ndcg@10_delta"] = round(row["ndcg@10"] - base["ndcg@10"], 4)
-    print("| format | dim | bytes/vector | vs float32 | nDCG@10 | delta | Recall@100 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['format']} | {r['dim']} | {r['vector_bytes']:.0f} | "
-              f"{r['size_vs_float32']:.3f} | {r['ndcg@10']:.4f} | {r['ndcg@10_delta']:+.4f} | "
-              f"{r['recall@100']:.4f} |")
+    print(markdown_table(rows, COLUMNS, right_aligned=[key for key, *_ in COLUMNS[1:]]))
     report = {"dataset": Path(args.dataset).name, "split": args.split, "queries": len(asked),
               "model_id": encoder.spec.model_id, "rows": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_results("benchmark_storage", report, args.json)
     print_json_result(report)
     return 0
 

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from benchmarks import embed as job
-from tests.conftest import REPO, SAMPLE_CORPUS
+from benchmarks import harness
+from tests.conftest import SAMPLE_CORPUS
 
 MODES = ("st", "encoder", "spark_job")  # pbudf adds ~35 s; its accounting is tested below
 FIELDS = ("texts", "tokens", "padded_tokens", "padding_efficiency", "seconds", "tokens_per_s",
@@ -32,8 +33,8 @@ def test_predict_batch_udf_padding_comes_from_the_logged_batches():
 
 
 def test_short_set_is_the_first_sentence():
-    assert job.first_sentence("Paris is a city. It is large.") == "Paris is a city."
-    assert job.first_sentence("no full stop") == "no full stop"
+    assert harness.first_sentence("Paris is a city. It is large.") == "Paris is a city."
+    assert harness.first_sentence("no full stop") == "no full stop"
 
 
 def test_tree_rss_counts_child_processes():
@@ -45,7 +46,7 @@ def test_tree_rss_counts_child_processes():
             if job.tree_rss_kb(os.getpid()) - base > 150 << 10:
                 break
             time.sleep(0.1)
-        assert child.pid in job.process_tree(os.getpid())
+        assert child.pid in harness.process_tree(os.getpid())
         assert job.tree_rss_kb(os.getpid()) - base > 150 << 10
     finally:
         child.kill()
@@ -59,8 +60,7 @@ def test_benchmark_reports_every_mode_on_the_same_tokens(tmp_path):
         [sys.executable, "-m", "benchmarks.embed", "--corpus", str(SAMPLE_CORPUS), "--limit", "40",
          "--modes", ",".join(MODES), "--json", str(out), "--quiet-wait", "0",
          "--noise-retries", "0"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-        text=True, timeout=600,
+        cwd=tmp_path, env=harness.module_env(), capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
