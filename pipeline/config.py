@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ class BatchSettings:
     max_batch_tokens: int = 16384
     max_batch_rows: int = 256
     min_fill: float = 0.9
+    # Tokenize the next slice of documents in a thread while the model runs this one.
+    overlap: bool = True
 
 
 @dataclass(frozen=True)
@@ -201,9 +204,25 @@ def load_settings(
     for key, value in given:
         set_dotted(raw, key, value)
     apply_profile_defaults(raw, profile_model, {key for key, _ in given})
+    return settings_from_mapping(raw, require_io)
+
+
+def settings_from_mapping(raw: Any, require_io: bool = True) -> Settings:
+    """Typed, validated settings from a mapping of sections: a profile with its overrides
+    applied, or the `Settings.to_dict()` a run recorded."""
     settings = build_dataclass(Settings, raw, "")
     validate(settings, require_io)
     return settings
+
+
+def recorded_settings(config: str) -> Settings:
+    """The settings a run recorded as JSON (the `config` column of `<table>_runs`), through the
+    same typed loader as a profile."""
+    try:
+        raw = json.loads(config)
+    except ValueError as error:
+        raise SettingsError(f"a run's recorded config is not JSON ({error})") from error
+    return settings_from_mapping(raw, require_io=False)
 
 
 def apply_profile_defaults(raw: dict[str, Any], profile_model: Any, given: set[str]) -> None:

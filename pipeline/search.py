@@ -13,7 +13,6 @@ chunk in some partition, where fewer than k documents can beat it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -31,8 +30,8 @@ from pipeline.config import (
     InputSettings,
     ModelSettings,
     Settings,
-    build_dataclass,
     default_model_id,
+    recorded_settings,
 )
 from pipeline.errors import InputError, UsageError
 from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
@@ -160,8 +159,7 @@ def table_model_settings(spark: SparkSession, location: str) -> ModelSettings | 
             .orderBy(F.desc("ended_at")).select("config").limit(1).collect())
     if not last:
         return None
-    raw = json.loads(last[0]["config"]).get("model") or {}
-    return build_dataclass(ModelSettings, raw, "model")
+    return recorded_settings(last[0]["config"]).model
 
 
 def is_tables_model(model: ModelSettings, properties: dict[str, str]) -> bool:

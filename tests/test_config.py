@@ -3,12 +3,13 @@ the key at fault."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import CONF_DIR, Settings, SettingsError, load_settings
+from pipeline.config import CONF_DIR, Settings, SettingsError, load_settings, recorded_settings
 
 LOCAL = yaml.safe_load((CONF_DIR / "local.yaml").read_text())
 
@@ -253,3 +254,18 @@ def test_set_reaches_one_entry_of_a_map_setting_whose_keys_have_dots() -> None:
     assert conf["spark.task.resource.gpu.amount"] == "1", "the profile's other entries stay"
     assert settings.input.csv_options == {"sep": "|", "quote": ""}, "as given, not YAML"
     assert conf["spark.ui.port"] == "0400"
+
+
+@pytest.mark.parametrize("profile", sorted(CONF_DIR.glob("*.yaml")), ids=lambda path: path.stem)
+def test_a_runs_recorded_config_reads_back_through_the_same_typed_loader(profile: Path) -> None:
+    """`<table>_runs` keeps `Settings.to_dict()` as JSON: it reads back to equal settings, and a
+    value of the wrong type is refused naming its key, as in a profile."""
+    settings = load_settings(profile.stem, flags={"input.path": "in", "output.path": "out"})
+    recorded = json.dumps(settings.to_dict(), sort_keys=True)
+    assert recorded_settings(recorded) == settings
+    raw = settings.to_dict()
+    raw["batch"]["max_batch_rows"] = "many"
+    with pytest.raises(SettingsError, match=r"batch\.max_batch_rows must be an integer"):
+        recorded_settings(json.dumps(raw))
+    with pytest.raises(SettingsError, match="not JSON"):
+        recorded_settings(recorded[:-1])
