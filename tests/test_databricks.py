@@ -158,7 +158,7 @@ def test_notebook_runs_top_to_bottom_and_writes_the_jobs_table(spark, tmp_path, 
     assert DeltaTable(str(tmp_path / "data" / "sample_vectors")).version() >= 1
 
 
-def test_bundle_runs_the_notebook_and_the_job_on_gpu_executors(checkout):
+def test_bundle_declares_gpu_tasks_for_the_notebook_and_the_job_with_files_it_deploys(checkout):
     from jobs.embed_corpus import parse_args
 
     bundle = bundle_config()

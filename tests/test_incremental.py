@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,10 +49,22 @@ def base_docs(sample_docs) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base_run(spark, base_docs, tmp_path_factory):
+    """The first run over `base_docs`. Tests that write to its table write to their own copy
+    (`own_copy`), so none depends on another's order or changes."""
     folder = tmp_path_factory.mktemp("incremental")
     source = write_jsonl(folder / "v1.jsonl", base_docs)
     summary = embed(spark, source, folder / "vectors", *SMALL_CHUNKS)
     return folder, summary
+
+
+def own_copy(base_run, destination: Path) -> Path:
+    """The base run's vectors table with its runs and rejects tables, copied: a local Delta
+    table's log names its files relative to its folder, so the copy is a table of its own."""
+    folder, _ = base_run
+    for suffix in ("", "_runs", "_rejects"):
+        if (folder / f"vectors{suffix}").exists():
+            shutil.copytree(folder / f"vectors{suffix}", destination / f"vectors{suffix}")
+    return destination / "vectors"
 
 
 def test_first_run_on_a_new_table_embeds_everything(base_run, base_docs):
@@ -61,22 +74,23 @@ def test_first_run_on_a_new_table_embeds_everything(base_run, base_docs):
                                                                    len(base_docs))
 
 
-def test_second_identical_run_embeds_nothing_and_changes_nothing(spark, base_run):
+def test_second_identical_run_embeds_nothing_and_changes_nothing(spark, base_run, base_docs,
+                                                                 tmp_path):
     folder, _ = base_run
-    table = DeltaTable(str(folder / "vectors"))
+    target = own_copy(base_run, tmp_path)
+    table = DeltaTable(str(target))
     version, files = table.version(), sorted(table.file_uris())
-    before = table_frame(folder / "vectors")
-    again = embed(spark, folder / "v1.jsonl", folder / "vectors", *SMALL_CHUNKS)
+    before = table_frame(target)
+    again = embed(spark, folder / "v1.jsonl", target, *SMALL_CHUNKS)
     assert (again.documents_embedded, again.chunks_written, again.tokens) == (0, 0, 0)
-    assert again.documents_unchanged == len(before.doc_id.unique())
-    table = DeltaTable(str(folder / "vectors"))
+    assert again.documents_unchanged == before.doc_id.nunique() == len(base_docs)
+    table = DeltaTable(str(target))
     assert (table.version(), sorted(table.file_uris())) == (version, files)
-    pd.testing.assert_frame_equal(table_frame(folder / "vectors"), before)
+    pd.testing.assert_frame_equal(table_frame(target), before)
 
 
 def test_changed_source_embeds_exactly_the_changes_and_equals_a_fresh_run(
         spark, base_run, base_docs, sample_docs, tmp_path):
-    folder, _ = base_run
     docs = {d["_id"]: dict(d) for d in base_docs}
     ids = sorted(docs, key=lambda i: len(docs[i]["text"]))
     grown, edited, shrunk = ids[0], ids[1], ids[-1]
@@ -87,15 +101,16 @@ def test_changed_source_embeds_exactly_the_changes_and_equals_a_fresh_run(
         del docs[gone]
     for new in sample_docs[100:105]:
         docs[new["_id"]] = dict(new)
-    source = write_jsonl(folder / "v2.jsonl", list(docs.values()))
-    old = table_frame(folder / "vectors")
+    source = write_jsonl(tmp_path / "v2.jsonl", list(docs.values()))
+    target = own_copy(base_run, tmp_path / "changed")
+    old = table_frame(target)
 
-    summary = embed(spark, source, folder / "vectors", *SMALL_CHUNKS)
+    summary = embed(spark, source, target, *SMALL_CHUNKS)
 
     assert (summary.documents_new, summary.documents_changed, summary.documents_deleted) == (5, 3,
                                                                                             2)
     assert summary.documents_embedded == 8
-    new = table_frame(folder / "vectors")
+    new = table_frame(target)
     added = {d["_id"] for d in sample_docs[100:105]}
     assert set(new[new.run_id == summary.run_id].doc_id) == {grown, shrunk, edited, *added}
     last_chunk = {name: frame.groupby("doc_id").chunk_index.max() for name, frame in
@@ -118,13 +133,20 @@ def test_partial_snapshot_keeps_documents_missing_from_the_source(spark, base_ru
     assert table_frame(target).doc_id.nunique() == len(base_docs)
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(spark, base_run, sample_docs, tmp_path):
-    folder, _ = base_run
-    version = DeltaTable(str(folder / "vectors")).version()
-    source = write_jsonl(tmp_path / "more.jsonl", sample_docs[:30] + sample_docs[200:203])
-    plan = embed(spark, source, folder / "vectors", *SMALL_CHUNKS, dry_run=True)
-    assert plan.new >= 3 and plan.to_embed >= 3
-    assert DeltaTable(str(folder / "vectors")).version() == version
+def test_dry_run_prints_the_plan_and_writes_nothing(spark, base_run, base_docs, sample_docs,
+                                                    tmp_path):
+    target = own_copy(base_run, tmp_path)
+    versions = [DeltaTable(str(path)).version() for path in (target, tmp_path / "vectors_runs")]
+    edited = [dict(d) for d in base_docs[1:]]
+    edited[0]["text"] += " Edited."
+    source = write_jsonl(tmp_path / "more.jsonl", edited + sample_docs[200:203])
+    plan = embed(spark, source, target, *SMALL_CHUNKS, dry_run=True)
+    assert (plan.new, plan.changed, plan.unchanged, plan.deleted) == (3, 1, len(base_docs) - 2,
+                                                                      1)
+    assert plan.to_embed == 4
+    assert [DeltaTable(str(path)).version() for path in (target, tmp_path / "vectors_runs")
+            ] == versions, "neither the vectors nor the runs table is written"
+    assert not (tmp_path / "vectors_rejects").exists()
 
 
 def test_other_model_or_dimension_is_refused_and_overwrite_replaces(spark, base_run, tmp_path):
