@@ -15,12 +15,14 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 from deltalake import DeltaTable
 
+from pipeline.config import load_settings
 from tests.conftest import REPO, SAMPLE_CORPUS
 from tests.test_incremental import assert_same_table, table_frame
 from tests.test_spark_embed import embed
@@ -220,3 +222,31 @@ def test_bundle_declares_gpu_tasks_for_the_notebook_and_the_job_with_files_it_de
         (library,) = task["libraries"]
         wheels = deployed(library["whl"], library=True)
         assert [path.parent for path in wheels] == [built]
+
+
+class RecordedWidgets:
+    """`dbutils.widgets` as Databricks runs it: text widgets with defaults, and given values."""
+
+    def __init__(self, given: dict[str, str]) -> None:
+        self.given, self.defaults = given, {}
+
+    def text(self, name: str, default: str) -> None:
+        self.defaults[name] = default
+
+    def get(self, name: str) -> str:
+        return self.given.get(name, self.defaults[name])
+
+
+def test_notebook_widgets_default_to_the_chosen_profiles_settings():
+    """The widgets show the profile's input, output, model and mode; left as they are, the run
+    gets the profile's settings."""
+    text = NOTEBOOK.read_text()
+    setup = text[:text.index("summary = run_embedding(")]  # the cells before the run
+    widgets = RecordedWidgets({"profile": "databricks"})
+    namespace = {"dbutils": SimpleNamespace(widgets=widgets), "spark": "the cluster's session"}
+    exec(compile(setup, str(NOTEBOOK), "exec"), namespace)
+    profile = load_settings("databricks")
+    assert widgets.defaults == {"profile": "local", "input": profile.input.path,
+                                "output": profile.output.path, "model": profile.model.name,
+                                "mode": profile.output.mode}
+    assert namespace["settings"] == profile

