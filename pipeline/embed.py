@@ -160,6 +160,7 @@ def worker_spec(settings: Settings, spec: ModelSpec) -> WorkerSpec:
         store_text=settings.output.store_text,
         vector_format=settings.output.vector_format,
         load_log_dir=settings.run.load_log_dir,
+        overlap=settings.batch.overlap,
     )
 
 

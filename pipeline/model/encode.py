@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import BatchSettings
 from pipeline.model.spec import ModelSpec
-from pipeline.text import Chunk, chunk_text
+from pipeline.model.tokens import ChunkTokenizer, EncodedChunk
 
 
 @dataclass
@@ -101,8 +102,13 @@ def split_on_oom(
     return torch.cat([split_on_oom(rows[:half], run), split_on_oom(rows[half:], run)])
 
 
+DEFAULT_BUDGET = BatchSettings()
+
+
 class Encoder:
-    """A loaded model and tokenizer, with the spec that says how to use them."""
+    """A loaded model and tokenizer, the spec that says how to use them, and the batch budget
+    of this view. The model and tokenizer are shared between views (`with_budget`); a view
+    never changes, so callers in one process do not share each other's limits."""
 
     def __init__(
         self,
@@ -110,56 +116,36 @@ class Encoder:
         model: torch.nn.Module,
         tokenizer,
         device: torch.device,
-        max_batch_tokens: int,
-        max_batch_rows: int,
-        min_fill: float = 0.0,
+        budget: BatchSettings = DEFAULT_BUDGET,
+        tokens: ChunkTokenizer | None = None,
     ) -> None:
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_rows = max_batch_rows
-        self.min_fill = min_fill
+        self.budget = budget
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.append_token = _missing_last_token(spec, tokenizer)
-        self.special_tokens = tokenizer.num_special_tokens_to_add(pair=False) + (
-            self.append_token is not None
-        )
-        prompt = spec.document_prompt
-        self.document_prompt_tokens = len(
-            tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        self.tokens = tokens or ChunkTokenizer(tokenizer, spec.max_length, spec.document_prompt,
+                                               _missing_last_token(spec, tokenizer))
+
+    def with_budget(self, budget: BatchSettings) -> Encoder:
+        """The same model and tokenizer under another batch budget."""
+        return Encoder(self.spec, self.model, self.tokenizer, self.device, budget, self.tokens)
 
     @property
     def content_capacity(self) -> int:
         """Document tokens that fit in one sequence next to the special tokens and the document
         prompt, so a chunk's text is exactly what gets embedded."""
-        return self.spec.max_length - self.special_tokens - self.document_prompt_tokens
+        return self.tokens.capacity
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with special tokens, truncated to the max length, unpadded."""
-        limit = self.spec.max_length - (self.append_token is not None)
-        ids = self.tokenizer(
-            list(texts), truncation=True, max_length=limit, padding=False,
-            return_attention_mask=False, return_token_type_ids=False,
-        )["input_ids"]
-        if self.append_token is not None:
-            ids = [row if row and row[-1] == self.append_token else [*row, self.append_token]
-                   for row in ids]
-        return ids
+        return self.tokens.tokenize(texts)
 
     def chunk(self, texts: Sequence[str], window: int, overlap: int, truncate: bool
-              ) -> list[list[Chunk]]:
-        """Chunks of each text, by token windows of its content tokens."""
-        encoded = self.tokenizer(
-            list(texts), add_special_tokens=False, return_offsets_mapping=True,
-            return_attention_mask=False, return_token_type_ids=False, verbose=False,
-        )
-        capacity = self.content_capacity
-        return [
-            chunk_text(text, offsets, capacity, min(window, capacity), overlap, truncate)
-            for text, offsets in zip(texts, encoded["offset_mapping"], strict=True)
-        ]
+              ) -> list[list[EncodedChunk]]:
+        """Chunks of each text, by token windows of its content tokens, with their ids."""
+        return self.tokens.chunk(texts, window, overlap, truncate)
 
     def embed(self, texts: Sequence[str], kind: str = "document") -> np.ndarray:
         """Vectors [rows, dimension] for texts of one kind (`query` or `document`)."""
@@ -172,21 +158,53 @@ class Encoder:
         padded length (the longest row of its batch), for padding accounting."""
         vectors = np.empty((len(ids), self.spec.dimension), dtype=np.float32)
         padded = np.zeros(len(ids), dtype=np.int64)
-        lengths = [len(row) for row in ids]
-        for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_rows,
-                                  self.min_fill):
+        for batch in self.plan(ids):
             rows = [ids[i] for i in batch]
             vectors[batch] = split_on_oom(rows, self._forward).cpu().numpy()
-            padded[batch] = lengths[batch[0]]
+            padded[batch] = len(rows[0])
         return vectors, padded
 
-    def _forward(self, rows: list[list[int]]) -> torch.Tensor:
+    def plan(self, ids: list[list[int]]) -> list[list[int]]:
+        """Row indices of `ids` grouped into model batches under this view's budget."""
+        return plan_batches([len(row) for row in ids], self.budget.max_batch_tokens,
+                            self.budget.max_batch_rows, self.budget.min_fill)
+
+    def launch(self, rows: list[list[int]], input_ids: torch.Tensor, mask: torch.Tensor
+               ) -> torch.Tensor:
+        """Start one model batch from padded inputs (pinned when the device is a GPU) and
+        return its vectors on the host; on a GPU the copy is still in flight (see `landed`).
+        Out of memory falls back to halving the rows, synchronously."""
+        try:
+            vectors = self._forward_padded(input_ids, mask)
+        except torch.OutOfMemoryError:
+            return split_on_oom(rows, self._forward).cpu()
+        if self.device.type != "cuda":
+            return vectors.cpu()
+        host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+        return host.copy_(vectors, non_blocking=True)
+
+    def landed(self) -> None:
+        """Wait until every launched batch's vectors are on the host."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ids and mask for rows, in pinned memory when they go to a GPU."""
         input_ids, mask = pad_rows(rows, self.pad_id, self.spec.padding_side)
+        if self.device.type == "cuda":
+            return input_ids.pin_memory(), mask.pin_memory()
+        return input_ids, mask
+
+    def _forward(self, rows: list[list[int]]) -> torch.Tensor:
+        return self._forward_padded(*pad_rows(rows, self.pad_id, self.spec.padding_side))
+
+    def _forward_padded(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            output = self.model(input_ids=input_ids.to(self.device),
-                                attention_mask=mask.to(self.device))
+            mask = mask.to(self.device, non_blocking=True)
+            output = self.model(input_ids=input_ids.to(self.device, non_blocking=True),
+                                attention_mask=mask)
             hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-            pooled = pool(hidden, mask.to(self.device), self.spec.pooling)
+            pooled = pool(hidden, mask, self.spec.pooling)
             return finish_vectors(pooled, self.spec.output_dim, self.spec.normalize)
 
 

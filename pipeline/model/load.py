@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import BatchSettings
 from pipeline.model.encode import Encoder
 from pipeline.model.spec import ModelSpec, worker_model_folder
 
@@ -70,7 +71,8 @@ def get_encoder(
 ) -> Encoder:
     """The process's encoder for `spec`, loading it on first use. One model stays resident: a
     different model replaces it, so a GPU never holds two; the same weights under another
-    prompt or max length are reused with the new spec."""
+    prompt or max length are reused with the new spec. Each call returns its own view under its
+    own batch budget: the resident encoder is never changed."""
     global _resident, load_count
     device = pick_device(spec.device, task_gpu)
     key = (spec.path, spec.fingerprint, str(device), spec.dtype, spec.attn_implementation,
@@ -78,16 +80,13 @@ def get_encoder(
     if _resident is not None and _resident[0] == key:
         encoder = _resident[1]
         if encoder.spec != spec:
-            encoder = Encoder(spec, encoder.model, encoder.tokenizer, device, 1, 1)
+            encoder = Encoder(spec, encoder.model, encoder.tokenizer, device)
             _resident = (key, encoder)
     else:
         _resident = None
         encoder = _load(spec, device, load_log_dir)
         _resident = (key, encoder)
-    encoder.max_batch_tokens = max_batch_tokens
-    encoder.max_batch_rows = max_batch_rows
-    encoder.min_fill = min_fill
-    return encoder
+    return encoder.with_budget(BatchSettings(max_batch_tokens, max_batch_rows, min_fill))
 
 
 def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> Encoder:
@@ -127,7 +126,7 @@ def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> En
     log.info("loaded model %s", json.dumps(record))
     if load_log_dir:
         _append_load_record(Path(load_log_dir), record)
-    return Encoder(spec, model, tokenizer, device, 1, 1)
+    return Encoder(spec, model, tokenizer, device)
 
 
 def _append_load_record(folder: Path, record: dict) -> None:

@@ -4,21 +4,26 @@ Python worker (pipeline.model.load keeps it) and serves every batch, partition a
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import ModelSpec
+from pipeline.model.stream import Chunking, EmbeddedSlice, embed_stream
 from pipeline.vectors import row_cosines, stored_vectors
 
 log = logging.getLogger("pipeline.spark.udf")
+
+SLICE_BYTES = 1 << 19
 
 CHUNK_SCHEMA = pa.schema([
     ("doc_id", pa.string()),
@@ -54,6 +59,7 @@ class WorkerSpec:
     store_text: bool = True
     vector_format: str = "float32"
     load_log_dir: str | None = None
+    overlap: bool = True
 
 
 def task_gpu() -> str | None:
@@ -69,53 +75,63 @@ def task_gpu() -> str | None:
 
 def worker_encoder(spec: WorkerSpec) -> Encoder:
     _ensure_worker_logging()
+    _limit_tokenizer_threads()
     return get_encoder(spec.model, spec.max_batch_tokens, spec.max_batch_rows, spec.min_fill,
                        task_gpu(), spec.load_log_dir)
 
 
-def embed_record_batch(encoder: Encoder, spec: WorkerSpec, batch: pa.RecordBatch,
-                       stats: EncodeStats) -> pa.RecordBatch:
-    """Documents (doc_id, text, content_hash) -> one row per chunk with its vector. `text` is
-    already the document text (pipeline.spark.io.documents)."""
-    ids = batch.column("doc_id").to_pylist()
-    texts = batch.column("text").to_pylist()
-    hashes = batch.column("content_hash").to_pylist()
-    window = spec.chunk_tokens or encoder.content_capacity
-    per_doc = encoder.chunk(texts, window, spec.chunk_overlap, spec.chunk_mode == "truncate")
-    owners = [doc for doc, chunks in enumerate(per_doc) for _ in chunks]
-    chunks = [chunk for doc_chunks in per_doc for chunk in doc_chunks]
-    prompt = spec.model.document_prompt
-    token_ids = encoder.tokenize([prompt + chunk.text for chunk in chunks])
-    vectors, padded = encoder.embed_ids(token_ids)
-    token_counts = np.fromiter((len(row) for row in token_ids), dtype=np.int32, count=len(chunks))
-    stats.add(token_counts, padded)
+def document_slices(batches: Iterable[pa.RecordBatch], slice_bytes: int = SLICE_BYTES
+                    ) -> Iterator[tuple[pa.RecordBatch, list[str]]]:
+    """Input batches cut into slices of about `slice_bytes` of text: small enough that the
+    accelerator starts soon and the next slice is ready in time, large enough to sort rows by
+    length into well-filled model batches."""
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        ends = np.cumsum(pc.binary_length(batch.column("text")).fill_null(0).to_numpy())
+        start = 0
+        while start < batch.num_rows:
+            limit = (ends[start - 1] if start else 0) + slice_bytes
+            stop = max(int(np.searchsorted(ends, limit, side="right")), start + 1)
+            piece = batch.slice(start, stop - start)
+            yield piece, piece.column("text").to_pylist()
+            start = stop
+
+
+def chunk_rows(spec: WorkerSpec, embedded: EmbeddedSlice[pa.RecordBatch]) -> pa.RecordBatch:
+    """One embedded slice of documents (doc_id, text, content_hash) -> one row per chunk."""
+    owners = pa.array(embedded.owners, pa.int32())
+    chunks = embedded.chunks
     columns = [
-        pa.array([ids[doc] for doc in owners], pa.string()),
+        embedded.payload.column("doc_id").take(owners),
         pa.array([chunk.index for chunk in chunks], pa.int32()),
         pa.array([chunk.text if spec.store_text else None for chunk in chunks], pa.string()),
         pa.array([chunk.char_start for chunk in chunks], pa.int32()),
         pa.array([chunk.char_end for chunk in chunks], pa.int32()),
-        pa.array(token_counts),
-        pa.array(padded.astype(np.int32)),
-        *stored_vectors(vectors, spec.vector_format),
-        pa.array([hashes[doc] for doc in owners], pa.string()),
+        pa.array(embedded.token_counts),
+        pa.array(embedded.padded),
+        *stored_vectors(embedded.vectors, spec.vector_format),
+        embedded.payload.column("content_hash").take(owners),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=CHUNK_SCHEMA)
 
 
 def chunk_and_embed(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],
                                                    Iterator[pa.RecordBatch]]:
-    """The function for DataFrame.mapInArrow: one partition of documents -> chunk rows."""
+    """The function for DataFrame.mapInArrow: one partition of documents -> chunk rows. `text`
+    is already the document text (pipeline.spark.io.documents)."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         encoder = worker_encoder(spec)
+        window = spec.chunk_tokens or encoder.content_capacity
+        chunking = Chunking(window, spec.chunk_overlap, spec.chunk_mode == "truncate")
         stats = EncodeStats()
         started = time.perf_counter()
         documents = 0
-        for batch in batches:
-            if batch.num_rows:
-                documents += batch.num_rows
-                yield embed_record_batch(encoder, spec, batch, stats)
+        for embedded in embed_stream(encoder, document_slices(batches), chunking, spec.overlap):
+            documents += embedded.payload.num_rows
+            stats.add(embedded.token_counts, embedded.padded)
+            yield chunk_rows(spec, embedded)
         _log_partition(documents, stats, time.perf_counter() - started)
 
     return run
@@ -169,6 +185,16 @@ def _log_partition(documents: int, stats: EncodeStats, seconds: float) -> None:
         "padding efficiency %.2f)", partition, documents, stats.rows, stats.real_tokens, seconds,
         rate, stats.padding_efficiency,
     )
+
+
+def _limit_tokenizer_threads() -> None:
+    """The Rust tokenizer's thread pool takes every core of the node unless told; a task gets
+    `spark.task.cpus` of them. Read once, when the pool starts."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    if context is not None:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, context.cpus())))
 
 
 def _ensure_worker_logging() -> None:
