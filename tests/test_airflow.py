@@ -25,7 +25,7 @@ import json, sys
 args = sys.argv[1:]
 print("INFO a log line before the summary")
 print(json.dumps({"run_id": "stand-in", "output": args[args.index("--output") + 1],
-                  "documents_embedded": 0}))
+                  "documents_embedded": 0, "args": args}))
 print("WARN ShutdownHookManager: a log line after it")
 """
 FAKE_CLUSTER = """
@@ -165,7 +165,12 @@ def test_dag_takes_both_applications_from_variables_and_reads_a_printed_summary(
     done = subprocess.run([str(airflow_python.parent / "airflow"), "dags", "test", "embed_corpus",
                            "-c", conf], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert json.loads(Path(f"{output}_clusters").read_text())[:4] == [
-        "--vectors", output, "--output", f"{output}_clusters"]
+    # The clustering task clusters the table the embedding reported, with the same profile.
+    cluster_args = json.loads(Path(f"{output}_clusters").read_text())
+    assert cluster_args[:4] == ["--vectors", output, "--output", f"{output}_clusters"]
+    assert cluster_args[-2:] == ["--config", "local"]
     (summary,) = read_summaries(airflow_python, airflow_env, tmp_path)
+    # The params left empty (input, model, mode) are the profile's: the job gets no flag for them.
+    embed_args = summary.pop("args")
+    assert embed_args[:-1] == ["--config", "local", "--output", output, "--summary-file"]
     assert summary == {"run_id": "stand-in", "output": output, "documents_embedded": 0}

