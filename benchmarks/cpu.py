@@ -70,8 +70,8 @@ from benchmarks.harness import (
     machine,
     markdown_table,
     parse_list,
+    publish,
     read_documents,
-    write_results,
 )
 from pipeline.config import load_settings
 from pipeline.metrics import ndcg_at_k, read_qrels, spearman
@@ -423,6 +423,19 @@ def results_table(rows: list[dict]) -> str:
                                   if any(column[0] in row for row in shown)])
 
 
+def summary(report: dict[str, Any]) -> str:
+    """The CPU and its bf16 / int8 instructions, the texts, the table, and the notes."""
+    flags = report["cpu"]
+    return "\n".join([
+        f"CPU: {report['machine']['cpu']}; bf16 native: {flags['bf16_native']}; "
+        + ", ".join(f"{flag}={'yes' if on else 'no'}" for flag, on in flags["flags"].items()),
+        f"{report['texts']} texts, {report['results'][0]['tokens']} tokens; "
+        f"STS pairs: {report['sts_pairs']}",
+        results_table(report["results"]),
+        *(f"note: {note}" for note in report["notes"]),
+    ])
+
+
 def pick_corpus(args: argparse.Namespace, notes: list[str]) -> Path:
     corpus = args.corpus or default_corpus()
     if not corpus.exists():
@@ -431,6 +444,35 @@ def pick_corpus(args: argparse.Namespace, notes: list[str]) -> Path:
     elif args.corpus is None and corpus == SAMPLE_CORPUS:
         notes.append("../shared/data/wiki-en is missing: throughput on the shipped sample corpus")
     return corpus
+
+
+def sts_scores(encoders: dict[str, Encoder], args: argparse.Namespace, notes: list[str]
+               ) -> dict[str, dict[str, Any]] | None:
+    """`sts_quality` on `--sts`; None, with a note, where it is off or missing."""
+    if args.sts_limit == 0:
+        return None
+    if not args.sts.exists():
+        notes.append(f"STS Benchmark {args.sts} is missing: STS-B quality skipped")
+        return None
+    with threads(args.threads[0]):
+        return sts_quality(encoders, read_sts(args.sts, args.sts_limit or None))
+
+
+def scifact_scores(encoders: dict[str, Encoder], args: argparse.Namespace, notes: list[str]
+                   ) -> dict[str, float] | None:
+    """`scifact_quality` on the subset `--scifact-queries` asks for; None where it is off or
+    missing. Notes say which."""
+    if not args.scifact_queries:
+        return None
+    if not (args.scifact / "qrels" / "test.tsv").exists():
+        notes.append(f"SciFact {args.scifact} is missing: skipped")
+        return None
+    subset = scifact_subset(args.scifact, args.scifact_queries, args.scifact_docs)
+    with threads(args.threads[0]):
+        scores = scifact_quality(encoders, subset)
+    notes.append(f"SciFact SUBSET: {len(subset[1])} test queries, {len(subset[0])} docs "
+                 "(their relevant docs + the first distractors); not the full-corpus score")
+    return scores
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -449,24 +491,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if not flags["bf16_native"]:
         notes.append("this CPU has no avx512_bf16 / amx_bf16: torch emulates bf16 matmuls")
 
-    sts = None
-    if args.sts_limit != 0 and args.sts.exists():
-        with threads(args.threads[0]):
-            sts = sts_quality(encoders, read_sts(args.sts, args.sts_limit or None))
-    elif args.sts_limit != 0:
-        notes.append(f"STS Benchmark {args.sts} is missing: STS-B quality skipped")
-    scifact = None
-    if args.scifact_queries:
-        if (args.scifact / "qrels" / "test.tsv").exists():
-            subset = scifact_subset(args.scifact, args.scifact_queries, args.scifact_docs)
-            with threads(args.threads[0]):
-                scifact = scifact_quality(encoders, subset)
-            notes.append(f"SciFact SUBSET: {len(subset[1])} test queries, {len(subset[0])} docs "
-                         "(their relevant docs + the first distractors); not the full-corpus "
-                         "score")
-        else:
-            notes.append(f"SciFact {args.scifact} is missing: skipped")
-
+    sts = sts_scores(encoders, args, notes)
+    scifact = scifact_scores(encoders, args, notes)
     rows: list[dict] = []
     for thread_count in args.threads:
         measured, vectors = measure(encoders, args.variants, texts, args, prepare, thread_count,
@@ -526,16 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fp32" not in args.variants:
         args.variants = ["fp32", *args.variants]  # the baseline every ratio is against
     report = run_benchmark(args)
-    write_results("benchmark_cpu", report, args.json)
-    flags = report["cpu"]
-    print(f"CPU: {report['machine']['cpu']}; bf16 native: {flags['bf16_native']}; "
-          + ", ".join(f"{flag}={'yes' if on else 'no'}" for flag, on in flags["flags"].items()))
-    print(f"{report['texts']} texts, {report['results'][0]['tokens']} tokens; "
-          f"STS pairs: {report['sts_pairs']}")
-    print(results_table(report["results"]))
-    for note in report["notes"]:
-        print(f"note: {note}")
-    print(f"wrote {args.json}", file=sys.stderr)
+    publish("benchmark_cpu", report, summary(report), args.json)
     return 0
 
 

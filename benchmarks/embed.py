@@ -37,9 +37,9 @@ from benchmarks.harness import (
     module_env,
     parse_list,
     process_tree,
+    publish,
     read_documents,
     wait_for_quiet,
-    write_results,
 )
 from pipeline.config import ModelSettings, Settings, load_settings
 from pipeline.model.spec import resolve_model_path, resolve_model_spec
@@ -462,9 +462,7 @@ def run_all(args: argparse.Namespace) -> int:
         "job_set": args.job_set, "results": rows,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    write_results("benchmark_embed", report, args.json)
-    print(markdown_table(rows, COLUMNS))
-    print(f"wrote {args.json}", file=sys.stderr)
+    publish("benchmark_embed", report, markdown_table(rows, COLUMNS), args.json)
     return 0
 
 

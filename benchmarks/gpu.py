@@ -59,8 +59,8 @@ from benchmarks.harness import (
     jsonl_rows,
     markdown_table,
     parse_list,
+    publish,
     split_list,
-    write_results,
 )
 from pipeline.model.encode import pad_rows, plan_batches, pool
 
@@ -692,16 +692,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def save_lengths(args: argparse.Namespace) -> int:
+    """`--save-lengths`: only the corpus's token lengths, as a JSON list."""
+    found = real_lengths(args)
+    if found is None:
+        raise SystemExit(f"no corpus at {args.corpus}")
+    Path(args.save_lengths).write_text(json.dumps(found[0]) + "\n")
+    print(f"wrote {len(found[0])} token lengths ({found[1]}) to {args.save_lengths}")
+    return 0
+
+
+def measure_length_set(model, lengths: LengthSet, modes: Sequence[Mode], clock: Clock,
+                       peak: float | None, args: argparse.Namespace, device: torch.device,
+                       dtype: torch.dtype) -> list[dict[str, Any]]:
+    """A report row per mode and budget on one length set's documents."""
+    rows = token_rows(lengths.lengths, model.config.vocab_size, args.seed)
+    reference = embed(model, rows[: args.check_docs], Mode("sdpa", False), max(args.budgets))
+    out = []
+    for mode in modes:
+        for budget in args.budgets:
+            result = run_configuration(model, lengths, rows, mode, budget, reference, clock,
+                                       args, device, dtype)
+            out.append(result.row(peak))
+            print(f"[{lengths.name}] {mode.name} @ {budget}: {out[-1]['status']}, "
+                  f"{out[-1]['tokens_per_s'] or 0:,.0f} tok/s, "
+                  f"MFU {percent_or_na(out[-1]['mfu'])}", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
     if args.save_lengths:
-        found = real_lengths(args)
-        if found is None:
-            raise SystemExit(f"no corpus at {args.corpus}")
-        Path(args.save_lengths).write_text(json.dumps(found[0]) + "\n")
-        print(f"wrote {len(found[0])} token lengths ({found[1]}) to {args.save_lengths}")
-        return 0
+        return save_lengths(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -721,20 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['device_name']}: {non_embedding_params(config):,} non-embedding "
           f"parameters, {dtype}, built in {build_s:.1f}s; peak {peak or 'unknown'} TFLOP/s; "
           f"modes {', '.join(m.name for m in modes)}", file=sys.stderr, flush=True)
-    rows_out: list[dict[str, Any]] = []
-    for lengths in sets:
-        rows = token_rows(lengths.lengths, config.vocab_size, args.seed)
-        probe = rows[: args.check_docs]
-        reference = embed(model, probe, Mode("sdpa", False), max(args.budgets))
-        for mode in modes:
-            for budget in args.budgets:
-                result = run_configuration(model, lengths, rows, mode, budget, reference, clock,
-                                           args, device, dtype)
-                row = result.row(peak)
-                rows_out.append(row)
-                print(f"[{lengths.name}] {mode.name} @ {budget}: {row['status']}, "
-                      f"{row['tokens_per_s'] or 0:,.0f} tok/s, MFU {percent_or_na(row['mfu'])}",
-                      file=sys.stderr, flush=True)
+    rows_out = [row for lengths in sets
+                for row in measure_length_set(model, lengths, modes, clock, peak, args, device,
+                                              dtype)]
     report = {
         "environment": env, "architecture": architecture(config),
         "scaled_down": args.scaled_down, "dtype": str(dtype).removeprefix("torch."),
@@ -746,9 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup_s": round(build_started + build_s - started, 2), "results": rows_out,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    write_results("benchmark_gpu", report, args.json)
-    print(markdown_table(rows_out, COLUMNS))
-    print(f"wrote {args.json}", file=sys.stderr)
+    publish("benchmark_gpu", report, markdown_table(rows_out, COLUMNS), args.json)
     return 0
 
 

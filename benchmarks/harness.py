@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
@@ -228,4 +229,14 @@ def write_results(name: str, payload: dict[str, Any], path: Path | str | None = 
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({"machine": machine(), **payload}, indent=2, sort_keys=True,
                                  default=str) + "\n")
+    return target
+
+
+def publish(name: str, payload: dict[str, Any], text: str, path: Path | str | None = None
+            ) -> Path:
+    """Writes the record (`write_results`), prints `text` (the Markdown table and anything
+    around it), and tells stderr where the record went."""
+    target = write_results(name, payload, path)
+    print(text)
+    print(f"wrote {target}", file=sys.stderr)
     return target

@@ -19,12 +19,13 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from benchmarks.harness import jsonl_rows, markdown_table, write_results
+from benchmarks.harness import jsonl_rows, markdown_table, parse_list, write_results
 from pipeline.config import add_profile_arguments, load_settings
 from pipeline.evaluate import beir_files
 from pipeline.logs import configure_job_logging, print_json_result
@@ -35,6 +36,9 @@ from pipeline.search import Queries, exact_search
 from pipeline.spark.session import get_spark
 from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
 from pipeline.vectors import VECTOR_FORMATS, arrow_matrix, stored_vectors, unit_rows
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 VARIANT_DDL = ("doc_id string, chunk_index int, embedding array<float>, "
                "embedding_packed binary, embedding_scale float")
@@ -75,19 +79,49 @@ def vector_bytes(path: str) -> tuple[float, float]:
     return vector / rows, total / rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_job_logging()
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--vectors", required=True, help="the float32 vectors table")
-    parser.add_argument("--dims", default="384,256,128")
-    parser.add_argument("--formats", default=",".join(VECTOR_FORMATS))
+    parser.add_argument("--dims", type=parse_list(int), default="384,256,128")
+    parser.add_argument("--formats", type=parse_list(str, VECTOR_FORMATS),
+                        default=",".join(VECTOR_FORMATS))
     parser.add_argument("--work", default="data/storage_benchmark")
     parser.add_argument("--json", metavar="PATH")
     add_profile_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def measure_variant(spark: SparkSession, source: DataFrame, queries: Queries, qrels: dict,
+                    fmt: str, dim: int, work: str) -> dict[str, Any]:
+    """Writes the variant table (`fmt` at `dim`) from the float32 vectors, searches it, and
+    measures its bytes and retrieval scores."""
+    path = str(Path(work).resolve() / f"{fmt}_{dim}")
+    source.mapInArrow(repack(fmt, dim), VARIANT_DDL).write.format("delta").mode(
+        "overwrite").save(path)
+    frame = spark.read.format("delta").load(path)
+    run: dict[str, dict[str, float]] = {}
+    for hit in exact_search(spark, frame, queries, 100, by_document=True,
+                            vector_format=fmt).collect():
+        run.setdefault(hit.query_id, {})[hit.doc_id] = float(hit.score)
+    per_vector, per_row = vector_bytes(path)
+    return {"format": fmt, "dim": dim, "vector_bytes": round(per_vector, 1),
+            "row_bytes": round(per_row, 1), **retrieval_scores(qrels, run)}
+
+
+def add_changes_from_float32(rows: list[dict[str, Any]], dim: int) -> None:
+    """Each row's size and nDCG@10 against float32 at the full dimension `dim`."""
+    base = next(r for r in rows if r["format"] == "float32" and r["dim"] == dim)
+    for row in rows:
+        row["size_vs_float32"] = round(row["vector_bytes"] / base["vector_bytes"], 4)
+        row["ndcg@10_delta"] = round(row["ndcg@10"] - base["ndcg@10"], 4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_job_logging()
+    parser = argument_parser()
+    args = parser.parse_args(argv)
     settings = load_settings(args.config, args.overrides, {"model.name": args.model},
                              require_io=False)
     spark = get_spark(settings.spark)
@@ -95,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     table = TableRef.parse(args.vectors)
     properties = table.properties(spark)
     check_same_model(table, properties, spec.table_properties(), VECTOR_PROPERTIES)
-    dims = [int(d) for d in args.dims.split(",")]
-    if max(dims) > spec.dimension:
+    if max(args.dims) > spec.dimension:
         parser.error(f"--dims: the table's vectors have {spec.dimension} dimensions")
     _, queries_path, qrels_path = beir_files(args.dataset, args.split)
     qrels = read_qrels(qrels_path)
@@ -106,25 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     source = spark.read.format("delta").load(args.vectors).select("doc_id", "chunk_index",
                                                                   "embedding")
     rows = []
-    for dim in dims:
+    for dim in args.dims:
         queries = Queries([str(q["_id"]) for q in asked], unit_rows(query_matrix[:, :dim]))
-        for fmt in args.formats.split(","):
-            path = str(Path(args.work).resolve() / f"{fmt}_{dim}")
-            source.mapInArrow(repack(fmt, dim), VARIANT_DDL).write.format("delta").mode(
-                "overwrite").save(path)
-            frame = spark.read.format("delta").load(path)
-            run: dict[str, dict[str, float]] = {}
-            for hit in exact_search(spark, frame, queries, 100, by_document=True,
-                                    vector_format=fmt).collect():
-                run.setdefault(hit.query_id, {})[hit.doc_id] = float(hit.score)
-            per_vector, per_row = vector_bytes(path)
-            rows.append({"format": fmt, "dim": dim, "vector_bytes": round(per_vector, 1),
-                         "row_bytes": round(per_row, 1), **retrieval_scores(qrels, run)})
+        for fmt in args.formats:
+            rows.append(measure_variant(spark, source, queries, qrels, fmt, dim, args.work))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    base = next(r for r in rows if r["format"] == "float32" and r["dim"] == max(dims))
-    for row in rows:
-        row["size_vs_float32"] = round(row["vector_bytes"] / base["vector_bytes"], 4)
-        row["ndcg@10_delta"] = round(row["ndcg@10"] - base["ndcg@10"], 4)
+    add_changes_from_float32(rows, max(args.dims))
     print(markdown_table(rows, COLUMNS, right_aligned=[key for key, *_ in COLUMNS[1:]]))
     report = {"dataset": Path(args.dataset).name, "split": args.split, "queries": len(asked),
               "model_id": encoder.spec.model_id, "rows": rows}
