@@ -15,7 +15,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -470,18 +471,17 @@ def plan_waves(run: Run, planned: DataFrame) -> list[Wave]:
 
 
 def embed_in_waves(run: Run, planned: DataFrame) -> None:
-    """Embed and commit wave after wave, each wave one commit. Missing documents are deleted in
-    the last MERGE wave's commit (or in a commit of their own when there is none)."""
+    """Embed and commit wave after wave, each wave one commit, in order; the next wave embeds
+    while this one commits. Missing documents are deleted in the last MERGE wave's commit (or
+    in a commit of their own when there is none)."""
     plan, retries = run.plan, run.settings.output.commit_retries
     deleted = (planned.where(F.col("status") == "deleted").select("doc_id")
                if plan.delete_missing and plan.deleted else None)
     waves = plan_waves(run, planned)
     merges = [wave for wave in waves if wave.kind == "merge"]
     own_tags: set[str] = set()
-    for wave in waves:
-        started = run.elapsed
-        with released(_materialized(observed_chunks(run, wave.docs))) as chunks:
-            totals = _observed_totals(chunks)
+    with closing(embedded_waves(run, waves)) as embedded:
+        for wave, chunks, totals, embed_seconds in embedded:
             committing = run.elapsed
             tag = f"{run.run_id}:{wave.tag}"
             if wave.kind == "append" and run.blind_appends and not foreign_commits_since(
@@ -494,18 +494,78 @@ def embed_in_waves(run: Run, planned: DataFrame) -> None:
                 with_commit_retries(
                     lambda c=chunks, i=ids, t=tag: merge_documents(run.spark, run.table, c, i, t),
                     f"wave {wave.number}/{wave.of}", retries)
-        run.written.add(totals)
-        timing = {"wave": wave.number, "kind": wave.kind, "documents": totals.documents,
-                  "chunks": totals.chunks, "embed_seconds": round(committing - started, 2),
-                  "commit_seconds": round(run.elapsed - committing, 2)}
-        log.info("run %s: wave %d/%d committed (%s): %d documents, %d chunks (embedded in "
-                 "%.1fs, committed in %.1fs)", run.run_id, wave.number, wave.of, wave.kind,
-                 totals.documents, totals.chunks, timing["embed_seconds"],
-                 timing["commit_seconds"], extra={"wave_timing": timing})
+            run.written.add(totals)
+            _log_wave(run, wave, totals, embed_seconds, run.elapsed - committing)
     if deleted is not None and not merges:
         with_commit_retries(lambda: delete_documents(run.spark, run.table, deleted,
                                                      f"{run.run_id}:delete-missing"),
                             "deleting missing documents", retries)
+
+
+def embedded_waves(run: Run, waves: list[Wave]
+                   ) -> Iterator[tuple[Wave, DataFrame, ChunkTotals, float]]:
+    """Each wave's materialised chunks, totals and embedding seconds, in order. While the
+    caller commits one wave, the next embeds in a background thread, so the accelerator does
+    not wait for commits; at most two waves' vectors are held at once. Each wave's frame is
+    released after its commit; if the caller stops early, the wave still embedding is stopped
+    (its Spark jobs carry a tag of their own) and released."""
+    def embed(wave: Wave) -> tuple[DataFrame, ChunkTotals, float]:
+        started = time.perf_counter()
+        run.spark.addTag(f"{run.run_id}-embed")
+        try:
+            chunks = _materialized(observed_chunks(run, wave.docs))
+            return chunks, _observed_totals(chunks), time.perf_counter() - started
+        finally:
+            run.spark.removeTag(f"{run.run_id}-embed")
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{run.run_id}")
+    pending = pool.submit(embed, waves[0]) if waves else None
+    current: DataFrame | None = None
+    try:
+        for index, wave in enumerate(waves):
+            current, totals, seconds = pending.result()
+            pending = pool.submit(embed, waves[index + 1]) if index + 1 < len(waves) else None
+            yield wave, current, totals, seconds
+            current.unpersist()
+            current = None
+    finally:
+        if pending is not None or current is not None:
+            # From a thread of its own: after an interrupt this thread's Py4J connection may
+            # hold a stale answer (see _record_failure).
+            stopper = threading.Thread(target=_stop_waves, args=(run, pending, current),
+                                       name=f"stop-{run.run_id}")
+            stopper.start()
+            stopper.join()
+        pool.shutdown(wait=False)
+
+
+def _stop_waves(run: Run, pending: Future | None, current: DataFrame | None) -> None:
+    """A run ending early: stop the wave embedding ahead and release what the waves made."""
+    frames = [current] if current is not None else []
+    if pending is not None:
+        if not pending.done():
+            try:
+                run.spark.interruptTag(f"{run.run_id}-embed")
+            except Exception as error:
+                log.warning("could not stop the next wave's embedding: %r", error)
+        with suppress(BaseException):  # stopped or failed: the run's error is the one to report
+            frames.append(pending.result()[0])
+    for frame in frames:
+        try:
+            frame.unpersist()
+        except Exception as error:
+            log.warning("could not release a wave's vectors: %r", error)
+
+
+def _log_wave(run: Run, wave: Wave, totals: ChunkTotals, embed_seconds: float,
+              commit_seconds: float) -> None:
+    timing = {"wave": wave.number, "kind": wave.kind, "documents": totals.documents,
+              "chunks": totals.chunks, "embed_seconds": round(embed_seconds, 2),
+              "commit_seconds": round(commit_seconds, 2)}
+    log.info("run %s: wave %d/%d committed (%s): %d documents, %d chunks (embedded in "
+             "%.1fs, committed in %.1fs)", run.run_id, wave.number, wave.of, wave.kind,
+             totals.documents, totals.chunks, timing["embed_seconds"],
+             timing["commit_seconds"], extra={"wave_timing": timing})
 
 
 def _append_wave(run: Run, chunks: DataFrame, tag: str, own_tags: set[str]) -> None:
