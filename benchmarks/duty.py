@@ -6,7 +6,8 @@ The model is benchmarks/simulated_accelerator.py: its forward pass sleeps rows x
 RATE seconds, as a GPU of that speed would be busy, and frees the CPU meanwhile. Per RATE:
 - in-process: the Spark task's own function (pipeline.spark.udf.chunk_and_embed) over Arrow
   batches in this process, with and without overlap: duty = busy / wall, and the non-model CPU
-  seconds per million tokens (process CPU less the CPU spent inside forward);
+  seconds per million tokens (process CPU less the CPU spent launching the model: forward,
+  pooling, normalising);
 - the Spark job in one task (spark.partitions=1): duty in the task (busy / the embedding tasks'
   run time, from Spark's REST API) and in the run (busy / run_embedding's wall time).
 Synthetic documents of 30-60 words of the sample corpus's vocabulary. Prints Markdown, writes
@@ -21,20 +22,24 @@ import shutil
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from benchmarks.harness import SAMPLE_CORPUS, jsonl_rows, markdown_table, write_results
 from benchmarks.simulated_accelerator import build_simulated_accelerator, forward_trace
 from pipeline.config import load_settings
-from pipeline.embed import run_embedding, worker_spec
+from pipeline.embed import run_embedding
 from pipeline.logs import configure_job_logging, print_json_result
+from pipeline.model.encode import Encoder
 from pipeline.model.spec import resolve_model_spec
 from pipeline.spark.session import get_spark
-from pipeline.spark.udf import chunk_and_embed
+from pipeline.spark.udf import chunk_and_embed, worker_spec
 
 ARROW_ROWS = 10_000
 
@@ -65,6 +70,27 @@ def busy(trace: list[dict]) -> dict[str, float]:
             "forward_passes": len(trace)}
 
 
+@contextmanager
+def model_cpu_meter() -> Iterator[list[float]]:
+    """CPU seconds spent in Encoder.launch (forward, pooling, normalising: work a GPU does),
+    summed over threads while the block runs."""
+    spent = [0.0]
+    launch = Encoder.launch
+
+    def metered(self, *args, **kwargs):
+        started = time.thread_time()
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            spent[0] += time.thread_time() - started
+
+    Encoder.launch = metered
+    try:
+        yield spent
+    finally:
+        Encoder.launch = launch
+
+
 def in_process(work: Path, rate: float, texts: list[str], overlap: bool) -> dict[str, Any]:
     folder, trace_dir = model_folder(work, rate)
     settings = settings_for(folder, [f"batch.overlap={str(overlap).lower()}"])
@@ -79,10 +105,11 @@ def in_process(work: Path, rate: float, texts: list[str], overlap: bool) -> dict
         "text": texts[start:start + ARROW_ROWS],
         "content_hash": ["h"] * len(texts[start:start + ARROW_ROWS])})
         for start in range(0, len(texts), ARROW_ROWS)]
-    cpu, wall = time.process_time(), time.perf_counter()
-    tokens = sum(pa.compute.sum(out.column("token_count")).as_py() for out in run(iter(batches)))
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    model = busy(forward_trace(trace_dir))
+    with model_cpu_meter() as model_cpu:
+        cpu, wall = time.process_time(), time.perf_counter()
+        tokens = sum(pc.sum(out.column("token_count")).as_py() for out in run(iter(batches)))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    model = {**busy(forward_trace(trace_dir)), "model_cpu_seconds": model_cpu[0]}
     return {"where": "in-process", "rate": rate, "overlap": overlap, "documents": len(texts),
             "tokens": tokens, "wall_seconds": round(wall, 2), **_rounded(model),
             "duty": round(model["busy_seconds"] / wall, 3),

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
 from pipeline.errors import InputError, MissingDependencyError
-from pipeline.search import Queries, decoded_vectors, exact_search, read_vectors
+from pipeline.search import Queries, exact_search
+from pipeline.store.vectors import decoded_vectors, read_vectors
 from pipeline.vectors import arrow_matrix, unit_rows
 
 INDEX_FILE = "index.faiss"

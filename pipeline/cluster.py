@@ -16,8 +16,8 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipeline.errors import UsageError
-from pipeline.search import decoded_vectors, read_vectors
 from pipeline.store.delta import TableRef
+from pipeline.store.vectors import decoded_vectors, read_vectors
 
 log = logging.getLogger("pipeline.cluster")
 

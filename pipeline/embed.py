@@ -26,12 +26,11 @@ from pyspark.sql import functions as F
 
 from pipeline.config import InputSettings, Settings
 from pipeline.model.spec import ModelSpec, resolve_model_spec
+from pipeline.schema import CHUNK_DDL, VECTOR_COLUMNS, VECTOR_DDL
 from pipeline.spark.io import InputError, documents, read_source
 from pipeline.spark.session import default_parallelism
-from pipeline.spark.udf import CHUNK_DDL, WorkerSpec, chunk_and_embed
+from pipeline.spark.udf import WorkerSpec, chunk_and_embed, load_model_in_worker, worker_spec
 from pipeline.store.delta import (
-    VECTOR_COLUMNS,
-    VECTOR_DDL,
     TableRef,
     append_documents,
     appends_blindly,
@@ -149,22 +148,6 @@ class Run:
         return self.settings.spark.partitions or default_parallelism(self.spark)
 
 
-def worker_spec(settings: Settings, spec: ModelSpec) -> WorkerSpec:
-    return WorkerSpec(
-        model=spec,
-        max_batch_tokens=settings.batch.max_batch_tokens,
-        max_batch_rows=settings.batch.max_batch_rows,
-        min_fill=settings.batch.min_fill,
-        chunk_mode=settings.chunking.mode,
-        chunk_tokens=settings.chunking.chunk_tokens,
-        chunk_overlap=settings.chunking.chunk_overlap,
-        store_text=settings.output.store_text,
-        vector_format=settings.output.vector_format,
-        load_log_dir=settings.run.load_log_dir,
-        overlap=settings.batch.overlap,
-    )
-
-
 def embed_documents(docs: DataFrame, worker: WorkerSpec, partitions: int) -> DataFrame:
     """Documents (doc_id, text, content_hash) -> chunk rows with vectors."""
     return (docs.select("doc_id", "text", "content_hash").repartition(partitions)
@@ -237,13 +220,13 @@ def _record_failure(run: Run, error: BaseException) -> None:
     recorder.join()
 
 
-def interrupt_spark_jobs(spark: SparkSession) -> None:
-    """Cancel every running Spark action of the session (call it from a thread of its own
-    after an interrupt)."""
+def interrupt_spark_jobs(spark: SparkSession, tag: str | None = None) -> None:
+    """Cancel the session's running Spark actions, or those of one tag (call it from a thread
+    of its own after an interrupt)."""
     try:
-        spark.interruptAll()
+        spark.interruptTag(tag) if tag else spark.interruptAll()
     except Exception as error:
-        log.warning("could not stop the running Spark jobs: %r", error)
+        log.warning("could not stop running Spark jobs: %r", error)
 
 
 def _count_committed(run: Run) -> None:
@@ -288,7 +271,8 @@ def _run(run: Run, flagged: DataFrame) -> RunSummary:
         if advice:
             log.warning(advice)
         run.planned_at = run.table.version(run.spark)
-    run.plan, planned = make_plan(run, flagged, table_exists=existed and incremental)
+    with warming_workers(run):
+        run.plan, planned = make_plan(run, flagged, table_exists=existed and incremental)
     log.info("run %s (%s) planned after %.1fs: %s", run.run_id, mode, run.elapsed,
              json.dumps(asdict(run.plan), sort_keys=True))
     write_rejects(run.spark, run.table, flagged, run.run_id, run.plan.rejected)
@@ -304,6 +288,37 @@ def _run(run: Run, flagged: DataFrame) -> RunSummary:
                 run, planned.where(F.col("status") == "new"), properties)
             run.written.add(totals)
     return summarize(run)
+
+
+@contextmanager
+def warming_workers(run: Run) -> Iterator[None]:
+    """Start the Python workers and load the model on the executors while the driver plans,
+    then wait for them, so the first wave finds the model resident; a plan with nothing to
+    embed stops them instead. A warm-up that fails is only logged (the embedding itself then
+    reports the problem)."""
+    worker = worker_spec(run.settings, run.spec)
+    warm = (run.spark.range(0, run.partitions, 1, run.partitions)
+            .mapInArrow(load_model_in_worker(worker), "loaded long"))
+    thread = threading.Thread(target=_warm, args=(run, warm), name=f"warm-{run.run_id}")
+    thread.start()
+    try:
+        yield
+        if run.plan is not None and not run.plan.to_embed:
+            interrupt_spark_jobs(run.spark, f"{run.run_id}-warm")
+    finally:
+        thread.join()
+
+
+def _warm(run: Run, warm: DataFrame) -> None:
+    started = time.perf_counter()
+    run.spark.addTag(f"{run.run_id}-warm")
+    try:
+        warm.collect()
+        log.info("run %s: workers ready in %.1fs", run.run_id, time.perf_counter() - started)
+    except Exception as error:
+        log.info("run %s: warming the workers stopped: %r", run.run_id, error)
+    finally:
+        run.spark.removeTag(f"{run.run_id}-warm")
 
 
 def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
@@ -544,10 +559,7 @@ def _stop_waves(run: Run, pending: Future | None, current: DataFrame | None) -> 
     frames = [current] if current is not None else []
     if pending is not None:
         if not pending.done():
-            try:
-                run.spark.interruptTag(f"{run.run_id}-embed")
-            except Exception as error:
-                log.warning("could not stop the next wave's embedding: %r", error)
+            interrupt_spark_jobs(run.spark, f"{run.run_id}-embed")
         with suppress(BaseException):  # stopped or failed: the run's error is the one to report
             frames.append(pending.result()[0])
     for frame in frames:

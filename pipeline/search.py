@@ -15,14 +15,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -37,9 +34,15 @@ from pipeline.errors import InputError, UsageError
 from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
 from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
-from pipeline.store.delta import VECTOR_PROPERTIES, TableNotFoundError, TableRef, check_same_model
+from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
+from pipeline.store.runs import last_succeeded_config
+from pipeline.store.vectors import (
+    STORED_COLUMNS,
+    read_vectors,
+    vector_format,
+)
 from pipeline.topk import score_batches
-from pipeline.vectors import batch_matrix, unit_rows, vectors_to_arrow
+from pipeline.vectors import unit_rows
 
 # The encoder's modules (pipeline.embed, pipeline.spark.udf, pipeline.model.load: torch and
 # transformers) are imported where queries are embedded, not here, so that a local search imports
@@ -50,9 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.search")
 
-STORED_COLUMNS = {"float32": ("embedding",), "float16": ("embedding_packed",),
-                  "int8": ("embedding_packed", "embedding_scale"),
-                  "binary": ("embedding_packed",)}
 PARTIAL_DDL = "query_id string, doc_id string, chunk_index int, score float, chunk_text string"
 RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
 METRICS = ("cosine", "dot")
@@ -110,56 +110,14 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
             .where(F.col("rank") <= k).select(*RESULT_COLUMNS, *texts))
 
 
-def vector_format(properties: dict[str, str]) -> str:
-    return properties.get("pipeline.vector_format", "float32")
-
-
-def decoded_vectors(frame: DataFrame, properties: dict[str, str]) -> DataFrame:
-    """The table with `embedding` as array<float> whatever the stored format, for consumers
-    that need plain vectors (clustering, index export)."""
-    fmt = vector_format(properties)
-    packed = [c for c in ("embedding_packed", "embedding_scale") if c in frame.columns]
-    if fmt == "float32":
-        return frame.drop(*packed)
-    dim = int(properties["pipeline.dimension"])
-    kept = frame.drop(*packed, "embedding")
-    names = kept.columns
-
-    def decode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            columns = [batch.column(name) for name in names]
-            columns.append(vectors_to_arrow(batch_matrix(batch, fmt, dim)))
-            yield pa.RecordBatch.from_arrays(columns, names=[*names, "embedding"])
-
-    schema = kept.withColumn("embedding", F.lit(None).cast("array<float>")).schema
-    return frame.mapInArrow(decode, schema)
-
-
-def read_vectors(spark: SparkSession, location: str) -> tuple[DataFrame, dict[str, str]]:
-    """The vectors table and its properties."""
-    table = TableRef.parse(location)
-    try:
-        frame = table.read(spark)
-        frame.columns  # noqa: B018 (analysis, which Spark Connect defers)
-    except AnalysisException as error:
-        raise TableNotFoundError(f"no Delta table at {table.location}") from error
-    return frame, table.properties(spark)
-
-
 # --- queries -------------------------------------------------------------------------------
 
 
 def table_model_settings(spark: SparkSession, location: str) -> ModelSettings | None:
     """The model settings of the last successful run that wrote the table (from `<table>_runs`),
     so a search embeds its queries with the model that made the vectors."""
-    runs = TableRef.parse(location).sibling("_runs")
-    if not runs.exists(spark):
-        return None
-    last = (runs.read(spark).where(F.col("status") == "succeeded")
-            .orderBy(F.desc("ended_at")).select("config").limit(1).collect())
-    if not last:
-        return None
-    return recorded_settings(last[0]["config"]).model
+    config = last_succeeded_config(spark, TableRef.parse(location))
+    return recorded_settings(config).model if config is not None else None
 
 
 def is_tables_model(model: ModelSettings, properties: dict[str, str]) -> bool:
@@ -238,7 +196,7 @@ def import_encoder_in_background() -> threading.Thread:
         try:
             from transformers import AutoModel, AutoTokenizer  # noqa: F401
 
-            import pipeline.embed  # noqa: F401 (torch, through the UDF and the encoder)
+            import pipeline.spark.udf  # noqa: F401 (torch, through the encoder)
         except Exception:
             log.debug("importing the encoder's modules ahead failed", exc_info=True)
 
@@ -257,7 +215,7 @@ def preload_encoder(settings: Settings) -> threading.Thread:
 
     def load() -> None:
         try:
-            from pipeline.embed import worker_spec
+            from pipeline.spark.udf import worker_spec
 
             _driver_encoder(worker_spec(settings, resolve_model_spec(settings.model)))
         except Exception:
@@ -329,7 +287,7 @@ def search_table(spark: SparkSession, settings: Settings, vectors: str, queries:
         frame, properties = read_vectors(spark, vectors)
         spec = query_model(spark, settings, vectors, properties, explicit_model, instruction)
         partitions = settings.spark.partitions or default_parallelism(spark)
-        from pipeline.embed import worker_spec  # after the reads: the preload imports it
+        from pipeline.spark.udf import worker_spec  # after the reads: the preload imports it
 
         embedded = embed_queries(queries, worker_spec(settings, spec), partitions, on_driver)
     finally:

@@ -11,12 +11,11 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipeline.config import Settings
-from pipeline.embed import worker_spec
 from pipeline.metrics import pearson, spearman
 from pipeline.model.spec import resolve_model_spec
 from pipeline.spark.io import is_blank, read_source
 from pipeline.spark.session import default_parallelism
-from pipeline.spark.udf import similarity_udf
+from pipeline.spark.udf import similarity_udf, worker_spec
 from pipeline.store.outputs import write_output
 
 

@@ -15,10 +15,9 @@ from pyspark.sql import functions as F
 from benchmarks import duty
 from benchmarks.simulated_accelerator import build_simulated_accelerator, forward_trace
 from pipeline.config import load_settings
-from pipeline.embed import worker_spec
 from pipeline.model.spec import resolve_model_spec
 from pipeline.model.stream import overlapped
-from pipeline.spark.udf import chunk_and_embed
+from pipeline.spark.udf import chunk_and_embed, worker_spec
 from tests.conftest import write_jsonl
 from tests.test_spark_embed import embed
 

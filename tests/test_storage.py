@@ -8,8 +8,9 @@ import pytest
 from deltalake import DeltaTable
 
 from pipeline.cluster import load_features
-from pipeline.search import Queries, decoded_vectors, exact_search, read_vectors
+from pipeline.search import Queries, exact_search
 from pipeline.store.delta import ModelMismatchError
+from pipeline.store.vectors import decoded_vectors, read_vectors
 from pipeline.vectors import pack_vectors, unpack_vectors
 from tests.conftest import delta_rows, write_jsonl
 from tests.test_spark_embed import embed

@@ -57,6 +57,11 @@ class ChunkTokenizer:
         if self.capacity < 1:
             raise ValueError(f"model.max_length {max_length} leaves no room for text next to "
                              "the special tokens and the document prompt")
+        if document_prompt and self._ids([document_prompt + " word"])[0] != [
+                *self.prompt_ids, *self._ids([" word"])[0]]:
+            log.warning("the document prompt %r merges with the text after it: a chunk's ids "
+                        "are the prompt's then the text's, which tokenizing them together "
+                        "would not give exactly", document_prompt)
         self.cuts_exact = self._cuts_are_exact(CUT_PROBE)
         if not self.cuts_exact:
             log.info("this tokenizer's pieces depend on what precedes a word; chunk texts are "

@@ -15,34 +15,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import Settings
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import ModelSpec
 from pipeline.model.stream import Chunking, EmbeddedSlice, embed_stream
+from pipeline.schema import CHUNK_SCHEMA
 from pipeline.vectors import row_cosines, stored_vectors
 
 log = logging.getLogger("pipeline.spark.udf")
 
 SLICE_BYTES = 1 << 19
 
-CHUNK_SCHEMA = pa.schema([
-    ("doc_id", pa.string()),
-    ("chunk_index", pa.int32()),
-    ("chunk_text", pa.string()),
-    ("char_start", pa.int32()),
-    ("char_end", pa.int32()),
-    ("token_count", pa.int32()),
-    ("padded_tokens", pa.int32()),
-    ("embedding", pa.list_(pa.float32())),
-    ("embedding_packed", pa.binary()),
-    ("embedding_scale", pa.float32()),
-    ("content_hash", pa.string()),
-])
-CHUNK_DDL = (
-    "doc_id string, chunk_index int, chunk_text string, char_start int, char_end int, "
-    "token_count int, padded_tokens int, embedding array<float>, embedding_packed binary, "
-    "embedding_scale float, content_hash string"
-)
 
 
 @dataclass(frozen=True)
@@ -60,6 +44,23 @@ class WorkerSpec:
     vector_format: str = "float32"
     load_log_dir: str | None = None
     overlap: bool = True
+
+
+def worker_spec(settings: Settings, spec: ModelSpec) -> WorkerSpec:
+    """The settings a worker needs, from the typed sections."""
+    return WorkerSpec(
+        model=spec,
+        max_batch_tokens=settings.batch.max_batch_tokens,
+        max_batch_rows=settings.batch.max_batch_rows,
+        min_fill=settings.batch.min_fill,
+        chunk_mode=settings.chunking.mode,
+        chunk_tokens=settings.chunking.chunk_tokens,
+        chunk_overlap=settings.chunking.chunk_overlap,
+        store_text=settings.output.store_text,
+        vector_format=settings.output.vector_format,
+        load_log_dir=settings.run.load_log_dir,
+        overlap=settings.batch.overlap,
+    )
 
 
 def task_gpu() -> str | None:
@@ -133,6 +134,19 @@ def chunk_and_embed(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],
             stats.add(embedded.token_counts, embedded.padded)
             yield chunk_rows(spec, embedded)
         _log_partition(documents, stats, time.perf_counter() - started)
+
+    return run
+
+
+def load_model_in_worker(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],
+                                                        Iterator[pa.RecordBatch]]:
+    """A mapInArrow function that only loads the model into its worker (rows: `loaded`)."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
+        worker_encoder(spec)
+        yield pa.RecordBatch.from_pydict({"loaded": [1]})
 
     return run
 

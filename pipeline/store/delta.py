@@ -19,15 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipeline.errors import PipelineError
-
-VECTOR_DDL = (
-    "doc_id string, chunk_index int, chunk_text string, char_start int, char_end int, "
-    "token_count int, embedding array<float>, embedding_packed binary, embedding_scale float, "
-    "content_hash string, model_id string, "
-    "model_fingerprint string, embedded_at timestamp, run_id string"
-)
-VECTOR_COLUMNS = tuple(part.split()[0] for part in VECTOR_DDL.split(", "))
-
+from pipeline.schema import VECTOR_COLUMNS
 
 log = logging.getLogger("pipeline.store")
 T = TypeVar("T")

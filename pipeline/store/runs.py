@@ -44,3 +44,13 @@ def append_run(spark: SparkSession, table: TableRef, record: dict) -> None:
     row = spark.createDataFrame([record], RUNS_DDL)
     with_commit_retries(lambda: table.sibling("_runs").write(row, "append"), "recording the run",
                         retries=3)
+
+
+def last_succeeded_config(spark: SparkSession, table: TableRef) -> str | None:
+    """The settings JSON of the last successful run recorded for `table`, if any."""
+    runs = table.sibling("_runs")
+    if not runs.exists(spark):
+        return None
+    last = (runs.read(spark).where(F.col("status") == "succeeded")
+            .orderBy(F.desc("ended_at")).select("config").limit(1).collect())
+    return last[0]["config"] if last else None
