@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
                             text_col=args.query_text_col, cast_columns=True)
               if args.queries else None)
     queries = query_frame(spark, args.query, source)
-    results, spec = search_table(spark, settings, vectors, queries, args.k, args.documents,
-                                 args.metric, explicit_model=args.model is not None,
+    results, spec = search_table(spark, settings, vectors, queries, args.k,
+                                 by_document=args.documents, metric=args.metric,
+                                 explicit_model=args.model is not None,
                                  instruction=args.instruction, with_text=not args.output)
     if args.output:
         results = results.cache()

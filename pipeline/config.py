@@ -10,12 +10,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.vectors import VECTOR_FORMATS
+from pipeline.vectors import VectorFormat
 
 # The profiles travel inside the package, so `--config databricks` works wherever it is installed:
 # in a checkout pipeline/conf is a link to the top-level conf/, in a built wheel a folder of copies.
@@ -23,15 +23,25 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULT_PROFILE = "local"
 PACKAGE_PREFIX = "package:"  # model.name of an installed package with get_model_path()
 
-INPUT_FORMATS = ("auto", "delta", "parquet", "jsonl", "csv", "table")
-WRITE_MODES = ("incremental", "overwrite", "append")
-SNAPSHOTS = ("full", "partial")
-DUPLICATE_POLICIES = ("fail", "keep_last")
-POOLING_MODES = ("auto", "mean", "cls", "lasttoken", "max")
-CHUNK_MODES = ("window", "truncate")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
-PADDING_SIDES = ("auto", "left", "right")
+# Each mode once, as the type its settings and signatures use; the choices derive from it.
+InputFormat = Literal["auto", "delta", "parquet", "jsonl", "csv", "table"]
+WriteMode = Literal["incremental", "overwrite", "append"]
+Snapshot = Literal["full", "partial"]
+DuplicatePolicy = Literal["fail", "keep_last"]
+Pooling = Literal["auto", "mean", "cls", "lasttoken", "max"]
+ChunkMode = Literal["window", "truncate"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+PaddingSide = Literal["auto", "left", "right"]
+INPUT_FORMATS = get_args(InputFormat)
+WRITE_MODES = get_args(WriteMode)
+SNAPSHOTS = get_args(Snapshot)
+DUPLICATE_POLICIES = get_args(DuplicatePolicy)
+POOLING_MODES = get_args(Pooling)
+CHUNK_MODES = get_args(ChunkMode)
+DTYPES = get_args(Dtype)
+ATTENTION = get_args(Attention)
+PADDING_SIDES = get_args(PaddingSide)
 # The common command-line flags and the settings they set.
 FLAG_KEYS = {
     "input": "input.path",
@@ -54,7 +64,7 @@ class SettingsError(PipelineError, ValueError):
 @dataclass(frozen=True)
 class InputSettings:
     path: str = ""
-    format: str = "auto"
+    format: InputFormat = "auto"
     id_col: str = "id"
     text_col: str = "text"
     title_col: str | None = None
@@ -63,8 +73,8 @@ class InputSettings:
     title_required: bool = True
     # Id, text and title columns must be strings; true casts others (bigint ids, say) to string.
     cast_columns: bool = False
-    snapshot: str = "full"
-    duplicates: str = "fail"
+    snapshot: Snapshot = "full"
+    duplicates: DuplicatePolicy = "fail"
     order_col: str | None = None
     max_text_bytes: int = 1_000_000
     # Spark CSV reader options over the defaults (header, multiLine, escape); for a headerless
@@ -75,9 +85,10 @@ class InputSettings:
 @dataclass(frozen=True)
 class OutputSettings:
     path: str = ""
-    mode: str = "incremental"
+    mode: WriteMode = "incremental"
     store_text: bool = True
-    vector_format: str = "float32"    # or float16, int8 (per-vector scale), binary (sign bits)
+    # float32, or float16, int8 (per-vector scale), binary (sign bits)
+    vector_format: VectorFormat = "float32"
     delete_missing: bool | None = None
     wave_docs: int = 50_000
     commit_retries: int = 3
@@ -91,14 +102,14 @@ class OutputSettings:
 class ModelSettings:
     name: str = ""
     id: str | None = None
-    pooling: str = "auto"
+    pooling: Pooling = "auto"
     normalize: bool | None = None
     max_length: int | None = None
     output_dim: int | None = None
     query_instruction: str | None = None
-    padding_side: str = "auto"
-    dtype: str = "auto"
-    attn_implementation: str = "auto"
+    padding_side: PaddingSide = "auto"
+    dtype: Dtype = "auto"
+    attn_implementation: Attention = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
@@ -115,7 +126,7 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class ChunkSettings:
-    mode: str = "window"
+    mode: ChunkMode = "window"
     chunk_tokens: int | None = None
     chunk_overlap: int = 32
 
@@ -321,6 +332,10 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
     options = _optional_inner(hint)
     if options is not None:
         return None if value is None else coerce(options, value, where)
+    if typing.get_origin(hint) is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise SettingsError(f"{where} is {value!r}; choose one of {list(typing.get_args(hint))}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -358,21 +373,6 @@ def _join(where: str, name: str) -> str:
 
 def validate(settings: Settings, require_io: bool = True) -> None:
     """Checks that need no I/O; inputs and model folders are checked by the job, up front."""
-    checks = [
-        ("input.format", settings.input.format, INPUT_FORMATS),
-        ("output.mode", settings.output.mode, WRITE_MODES),
-        ("input.snapshot", settings.input.snapshot, SNAPSHOTS),
-        ("input.duplicates", settings.input.duplicates, DUPLICATE_POLICIES),
-        ("model.pooling", settings.model.pooling, POOLING_MODES),
-        ("model.dtype", settings.model.dtype, DTYPES),
-        ("model.attn_implementation", settings.model.attn_implementation, ATTENTION),
-        ("model.padding_side", settings.model.padding_side, PADDING_SIDES),
-        ("chunking.mode", settings.chunking.mode, CHUNK_MODES),
-        ("output.vector_format", settings.output.vector_format, VECTOR_FORMATS),
-    ]
-    for key, value, allowed in checks:
-        if value not in allowed:
-            raise SettingsError(f"{key} is {value!r}; choose one of {list(allowed)}")
     required = [
         *([("input.path", settings.input.path), ("output.path", settings.output.path)]
           if require_io else []),

@@ -42,7 +42,7 @@ from pipeline.store.vectors import (
     vector_format,
 )
 from pipeline.topk import score_batches
-from pipeline.vectors import unit_rows
+from pipeline.vectors import METRICS, Metric, VectorFormat, unit_rows
 
 # The encoder's modules (pipeline.embed, pipeline.spark.udf, pipeline.model.load: torch and
 # transformers) are imported where queries are embedded, not here, so that a local search imports
@@ -55,7 +55,6 @@ log = logging.getLogger("pipeline.search")
 
 PARTIAL_DDL = "query_id string, doc_id string, chunk_index int, score float, chunk_text string"
 RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
-METRICS = ("cosine", "dot")
 # Queries a local driver embeds itself (embed_queries); more go to the executors.
 DRIVER_QUERIES = 1000
 # The driver's encoder (pipeline.model.load keeps one model per process): held while it loads.
@@ -79,9 +78,9 @@ class Queries:
 # --- Spark glue ----------------------------------------------------------------------------
 
 
-def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: int,
-                 by_document: bool = False, metric: str = "cosine",
-                 vector_format: str = "float32", with_text: bool = False) -> DataFrame:
+def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: int, *,
+                 by_document: bool = False, metric: Metric = "cosine",
+                 vector_format: VectorFormat = "float32", with_text: bool = False) -> DataFrame:
     """Top k (query_id, rank, doc_id, chunk_index, score) per query over a vectors frame
     (doc_id, chunk_index and the columns of its vector format). Cosine normalises both sides;
     dot takes them as they are. Binary vectors score as -1/+1 against the float queries.
@@ -275,7 +274,7 @@ class SearchReport:
 
 
 def search_table(spark: SparkSession, settings: Settings, vectors: str, queries: DataFrame,
-                 k: int, by_document: bool, metric: str, explicit_model: bool = False,
+                 k: int, *, by_document: bool, metric: Metric, explicit_model: bool = False,
                  instruction: str | None = None, with_text: bool = False
                  ) -> tuple[DataFrame, ModelSpec]:
     """Embed the queries with the table's model and rank the table's chunks (or documents),
@@ -293,8 +292,8 @@ def search_table(spark: SparkSession, settings: Settings, vectors: str, queries:
     finally:
         if loading is not None:
             loading.join()  # on an error too: no thread left loading while the job exits
-    return exact_search(spark, frame, embedded, k, by_document, metric,
-                        vector_format(properties), with_text), spec
+    return exact_search(spark, frame, embedded, k, by_document=by_document, metric=metric,
+                        vector_format=vector_format(properties), with_text=with_text), spec
 
 
 def result_counts(results: DataFrame) -> tuple[int, int]:

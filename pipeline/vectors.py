@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import pyarrow as pa
 
@@ -40,7 +42,10 @@ def vectors_to_arrow(vectors: np.ndarray) -> pa.ListArray:
 # --- stored formats ------------------------------------------------------------------------
 # float32 keeps `embedding` (array<float>); the compact formats keep `embedding` null and store
 # `embedding_packed` (binary) with, for int8, the per-vector `embedding_scale`.
-VECTOR_FORMATS = ("float32", "float16", "int8", "binary")
+VectorFormat = Literal["float32", "float16", "int8", "binary"]
+VECTOR_FORMATS: tuple[VectorFormat, ...] = get_args(VectorFormat)
+Metric = Literal["cosine", "dot"]
+METRICS: tuple[Metric, ...] = get_args(Metric)
 
 
 def pack_vectors(vectors: np.ndarray, fmt: str) -> tuple[list[bytes], np.ndarray | None]:

@@ -72,6 +72,11 @@ def test_benchmark_reports_every_mode_on_the_same_tokens(tmp_path):
         assert 0 < row["padding_efficiency"] <= 1, (mode, row)
         assert row["peak_rss_mb"] > 0, (mode, row)
     tokens = {mode: row["tokens"] for mode, row in rows.items()}
-    assert len(set(tokens.values())) == 1, tokens
+    # The job truncates a long text at the last word start within the max length (so its
+    # chunk_text re-tokenizes to what it embedded); sentence-transformers may cut inside that word.
+    job_tokens = {mode: count for mode, count in tokens.items() if mode == "spark_job"}
+    assert len({count for mode, count in tokens.items() if mode not in job_tokens}) == 1, tokens
+    for count in job_tokens.values():
+        assert 0.99 * tokens["st"] <= count <= tokens["st"], tokens
     assert rows["st"]["vs_st"] == 1.0
     assert "| spark_job |" in done.stdout

@@ -14,11 +14,11 @@ import pipeline.search
 from benchmarks import storage as benchmark_storage
 from jobs import evaluate_retrieval, score_similarity, search
 from pipeline.config import ModelSettings, load_settings
-from pipeline.embed import worker_spec
 from pipeline.metrics import pearson, spearman
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
 from pipeline.search import embed_queries, is_tables_model, query_frame
+from pipeline.spark.udf import worker_spec
 from pipeline.store.delta import TableRef
 from tests.conftest import write_jsonl
 from tests.test_spark_embed import embed

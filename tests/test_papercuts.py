@@ -11,10 +11,9 @@ import pytest
 
 from jobs.embed_corpus import parse_args
 from pipeline.config import FLAG_KEYS, Settings, load_settings
-from pipeline.embed import worker_spec
 from pipeline.model.spec import resolve_model_spec
 from pipeline.spark.io import InputError
-from pipeline.spark.udf import embedding_udf
+from pipeline.spark.udf import embedding_udf, worker_spec
 from pipeline.store.delta import TableRef
 from tests.conftest import write_jsonl
 from tests.test_spark_embed import embed

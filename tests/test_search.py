@@ -18,9 +18,9 @@ from pyspark.sql import functions as F
 from pipeline import search
 from pipeline.ann import IDS_FILE, INDEX_FILE, MANIFEST_FILE, build_index, neighbour_recall
 from pipeline.config import load_settings
-from pipeline.embed import worker_spec
 from pipeline.search import Queries, embed_queries, exact_search, query_frame
 from pipeline.spark import udf
+from pipeline.spark.udf import worker_spec
 from pipeline.store.vectors import read_vectors
 from pipeline.topk import score_batches, top_positions
 from pipeline.vectors import unit_rows

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import FLAG_KEYS, load_settings
-from pipeline.embed import RunSummary, run_embedding, worker_spec
+from pipeline.embed import RunSummary, run_embedding
 from pipeline.model.spec import ModelSpecError, resolve_model_spec
 from pipeline.spark.io import InputError
-from pipeline.spark.udf import embedding_udf
+from pipeline.spark.udf import embedding_udf, worker_spec
 from pipeline.store.delta import ModelMismatchError, TableRef
 from pipeline.text import content_hash, document_text
 from tests.conftest import delta_rows, write_jsonl

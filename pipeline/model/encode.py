@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import BatchSettings
-from pipeline.model.spec import ModelSpec
+from pipeline.model.spec import ModelSpec, TextKind
 from pipeline.model.tokens import ChunkTokenizer, EncodedChunk
 
 
@@ -147,7 +147,7 @@ class Encoder:
         """Chunks of each text, by token windows of its content tokens, with their ids."""
         return self.tokens.chunk(texts, window, overlap, truncate)
 
-    def embed(self, texts: Sequence[str], kind: str = "document") -> np.ndarray:
+    def embed(self, texts: Sequence[str], kind: TextKind = "document") -> np.ndarray:
         """Vectors [rows, dimension] for texts of one kind (`query` or `document`)."""
         prompt = self.spec.prompt(kind)
         vectors, _ = self.embed_ids(self.tokenize([prompt + text for text in texts]))

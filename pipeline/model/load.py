@@ -66,6 +66,7 @@ def get_encoder(
     max_batch_tokens: int,
     max_batch_rows: int,
     min_fill: float = 0.0,
+    *,
     task_gpu: str | None = None,
     load_log_dir: str | None = None,
 ) -> Encoder:

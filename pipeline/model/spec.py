@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import PACKAGE_PREFIX, ModelSettings, default_model_id
 from pipeline.errors import PipelineError
@@ -31,6 +31,9 @@ ST_POOLING_KEYS = {
 SUPPORTED_POOLING = {"mean", "cls", "lasttoken", "max"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+TextKind = Literal["query", "document"]
 
 
 class ModelSpecError(PipelineError, ValueError):
@@ -65,7 +68,7 @@ class ModelSpec:
     def dimension(self) -> int:
         return self.output_dim or self.hidden_size
 
-    def prompt(self, kind: str) -> str:
+    def prompt(self, kind: TextKind) -> str:
         """The prefix for `query` or `document` texts."""
         if kind not in ("query", "document"):
             raise ValueError(f"text kind must be 'query' or 'document', got {kind!r}")

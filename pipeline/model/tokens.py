@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pipeline.model.spec import ModelSpecError
 from pipeline.text import Chunk, chunk_text, word_starts
 
 log = logging.getLogger("pipeline.model")
@@ -41,8 +42,8 @@ class ChunkTokenizer:
     def __init__(self, tokenizer, max_length: int, document_prompt: str,
                  append_token: int | None) -> None:
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("the model folder needs a fast tokenizer (tokenizer.json): chunk "
-                             "offsets come from it")
+            raise ModelSpecError("the model folder needs a fast tokenizer (tokenizer.json): "
+                                 "chunk offsets come from it")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.append_token = append_token
@@ -55,8 +56,8 @@ class ChunkTokenizer:
         self.prompt_ids = self._ids([document_prompt])[0] if document_prompt else []
         self.capacity = max_length - len(self.prefix) - len(self.suffix) - len(self.prompt_ids)
         if self.capacity < 1:
-            raise ValueError(f"model.max_length {max_length} leaves no room for text next to "
-                             "the special tokens and the document prompt")
+            raise ModelSpecError(f"model.max_length {max_length} leaves no room for text next "
+                                 "to the special tokens and the document prompt")
         if document_prompt and self._ids([document_prompt + " word"])[0] != [
                 *self.prompt_ids, *self._ids([" word"])[0]]:
             log.warning("the document prompt %r merges with the text after it: a chunk's ids "

@@ -15,13 +15,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Settings
+from pipeline.config import ChunkMode, Settings
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
-from pipeline.model.spec import ModelSpec
+from pipeline.model.spec import ModelSpec, TextKind
 from pipeline.model.stream import Chunking, EmbeddedSlice, embed_stream
 from pipeline.schema import CHUNK_SCHEMA
-from pipeline.vectors import row_cosines, stored_vectors
+from pipeline.vectors import VectorFormat, row_cosines, stored_vectors
 
 log = logging.getLogger("pipeline.spark.udf")
 
@@ -37,11 +37,11 @@ class WorkerSpec:
     max_batch_tokens: int
     max_batch_rows: int
     min_fill: float = 0.9
-    chunk_mode: str = "window"
+    chunk_mode: ChunkMode = "window"
     chunk_tokens: int | None = None
     chunk_overlap: int = 32
     store_text: bool = True
-    vector_format: str = "float32"
+    vector_format: VectorFormat = "float32"
     load_log_dir: str | None = None
     overlap: bool = True
 
@@ -78,7 +78,7 @@ def worker_encoder(spec: WorkerSpec) -> Encoder:
     _ensure_worker_logging()
     _limit_tokenizer_threads()
     return get_encoder(spec.model, spec.max_batch_tokens, spec.max_batch_rows, spec.min_fill,
-                       task_gpu(), spec.load_log_dir)
+                       task_gpu=task_gpu(), load_log_dir=spec.load_log_dir)
 
 
 def document_slices(batches: Iterable[pa.RecordBatch], slice_bytes: int = SLICE_BYTES
@@ -151,7 +151,7 @@ def load_model_in_worker(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]
     return run
 
 
-def embedding_udf(spec: WorkerSpec, kind: str = "document"):
+def embedding_udf(spec: WorkerSpec, kind: TextKind = "document"):
     """An iterator pandas UDF: text column -> array<float>, for use in any DataFrame expression
     (`df.withColumn("v", embedding_udf(spec)("text"))`). Texts are truncated, not chunked; a
     null text has a null vector (an empty string still has the vector of "")."""
@@ -172,7 +172,7 @@ def embedding_udf(spec: WorkerSpec, kind: str = "document"):
     return embed
 
 
-def similarity_udf(spec: WorkerSpec, kind: str = "document"):
+def similarity_udf(spec: WorkerSpec, kind: TextKind = "document"):
     """An iterator pandas UDF: two text columns -> the cosine of their vectors. Both sides of a
     batch are embedded together, so they share token-budget batches."""
     from pyspark.sql.functions import pandas_udf

@@ -1,0 +1,1 @@
+"""The steps of one embedding run; pipeline.embed puts them in order."""
