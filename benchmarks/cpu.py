@@ -73,7 +73,7 @@ from benchmarks.harness import (
     publish,
     read_documents,
 )
-from pipeline.config import load_settings
+from pipeline.config import BatchSettings, load_settings
 from pipeline.metrics import ndcg_at_k, read_qrels, spearman
 from pipeline.model.encode import Encoder
 from pipeline.model.load import get_encoder
@@ -159,13 +159,13 @@ def quantize_linear(model: torch.nn.Module, selective: bool) -> torch.nn.Module:
         return quantize_dynamic(copied, spec, dtype=torch.qint8)
 
 
-def build_encoders(spec: ModelSpec, precisions: Sequence[str], batch: Any) -> dict[str, Encoder]:
+def build_encoders(spec: ModelSpec, precisions: Sequence[str], batch: BatchSettings
+                   ) -> dict[str, Encoder]:
     """One CPU encoder per precision. fp32 and bf16 load through `get_encoder` (bf16 is exactly
     `model.dtype: bfloat16`); the int8 variants quantize a copy of the fp32 model."""
     def load(dtype: str) -> Encoder:
         on_cpu = dataclasses.replace(spec, dtype=dtype, device="cpu")
-        return get_encoder(on_cpu, batch.max_batch_tokens,
-                           batch.max_batch_rows, batch.min_fill)
+        return get_encoder(on_cpu, batch)
 
     fp32 = load("float32")
     encoders = {"fp32": fp32}

@@ -239,7 +239,7 @@ def run_encoder(mode: ModeArgs) -> dict:
     started = time.perf_counter()
     spec = resolve_model_spec(settings.model)
     batch = settings.batch
-    encoder = get_encoder(spec, batch.max_batch_tokens, batch.max_batch_rows, batch.min_fill)
+    encoder = get_encoder(spec, batch)
     startup = time.perf_counter() - started
     encoder.embed(texts[:WARMUP_TEXTS])
     with Timed() as timed:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from benchmarks.harness import jsonl_rows, markdown_table, parse_list, write_results
-from pipeline.config import add_profile_arguments, load_settings
+from pipeline.config import BatchSettings, add_profile_arguments, load_settings
 from pipeline.evaluate import beir_files
 from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.metrics import read_qrels, retrieval_scores
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     _, queries_path, qrels_path = beir_files(args.dataset, args.split)
     qrels = read_qrels(qrels_path)
     asked = [q for q in jsonl_rows(queries_path) if str(q["_id"]) in qrels]
-    encoder = get_encoder(spec, 16384, 256)
+    encoder = get_encoder(spec, BatchSettings(16384, 256))
     query_matrix = encoder.embed([q["text"] for q in asked], "query")
     source = spark.read.format("delta").load(args.vectors).select("doc_id", "chunk_index",
                                                                   "embedding")

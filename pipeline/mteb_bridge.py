@@ -69,8 +69,7 @@ class MtebEncoder:
             settings = dataclasses.replace(settings, **model_settings)
             batch = batch or BatchSettings()
             spec = resolve_model_spec(settings)
-            self.encoder = get_encoder(spec, batch.max_batch_tokens, batch.max_batch_rows,
-                                       batch.min_fill)
+            self.encoder = get_encoder(spec, batch)
         self.revision = revision
         self.task_instructions = task_instructions
         self._meta: ModelMeta | None = None

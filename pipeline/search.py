@@ -181,8 +181,7 @@ def _embed_here(ids: list[str], texts: list[str], worker: WorkerSpec) -> Queries
 def _driver_encoder(worker: WorkerSpec) -> Encoder:
     from pipeline.model.load import get_encoder
 
-    return get_encoder(worker.model, worker.max_batch_tokens, worker.max_batch_rows,
-                       worker.min_fill, load_log_dir=worker.load_log_dir)
+    return get_encoder(worker.model, worker.batch, load_log_dir=worker.load_log_dir)
 
 
 def import_encoder_in_background() -> threading.Thread:

@@ -22,7 +22,7 @@ def document_text(text: str, title: str | None = None) -> str:
     """The text a document is embedded as: `title + " " + text`, cleaned, then stripped, when it
     has a title (as MTEB and BEIR do); the cleaned text otherwise. `pipeline.spark.io` computes
     the same in Spark SQL, and a test holds the two equal."""
-    if title is None or not title.strip():
+    if title is None or not clean_text(title).strip():
         return clean_text(text)
     return clean_text(f"{title} {text}").strip()
 

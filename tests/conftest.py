@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, QueryBuilder
 
-from pipeline.config import ModelSettings, SparkSettings
+from pipeline.config import BatchSettings, ModelSettings, SparkSettings
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
 from tests.qwen3_fixture import build_tiny_qwen3_embedding_model
@@ -52,7 +52,7 @@ def qwen3_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_encoder(minilm_path):
     spec = resolve_model_spec(ModelSettings(name=str(minilm_path)))
-    return get_encoder(spec, max_batch_tokens=4096, max_batch_rows=64)
+    return get_encoder(spec, BatchSettings(4096, 64))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 import pipeline.search
 from benchmarks import storage as benchmark_storage
 from jobs import evaluate_retrieval, score_similarity, search
-from pipeline.config import ModelSettings, load_settings
+from pipeline.config import BatchSettings, ModelSettings, load_settings
 from pipeline.metrics import pearson, spearman
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
@@ -113,7 +113,7 @@ def test_instruction_changes_the_query_vector_only(spark, qwen3_path):
     instructed = resolve_model_spec(ModelSettings(name=str(qwen3_path),
                                                   query_instruction="Find paragraphs"))
     assert plain.fingerprint == instructed.fingerprint, "documents stay comparable"
-    encoder = get_encoder(instructed, 4096, 64)
+    encoder = get_encoder(instructed, BatchSettings(4096, 64))
     query = encoder.embed(["glaciers"], "query")
     document = encoder.embed(["glaciers"], "document")
     assert not np.allclose(query, document)

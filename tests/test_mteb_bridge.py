@@ -233,7 +233,7 @@ def test_from_profile_uses_the_profile_model_and_batch_settings(encoder):
     model = MtebEncoder.from_profile("local", ["batch.max_batch_tokens=4096",
                                                "batch.max_batch_rows=64", "batch.min_fill=0"])
     assert model.encoder.model is encoder.model
-    assert model.encoder.max_batch_tokens == 4096
+    assert model.encoder.budget == BatchSettings(4096, 64, 0.0)
     assert model.mteb_model_meta.name == "sentence-transformers/all-MiniLM-L6-v2"
 
 

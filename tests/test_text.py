@@ -315,9 +315,5 @@ def test_document_text_equals_its_spark_sql_twin(spark) -> None:
     assert twin_differences(spark, TWIN_TITLES, TWIN_TEXTS) == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "str.strip() in pipeline/text.py takes U+001C..U+001F for whitespace, so such a title is "
-    "blank there and the text is embedded alone; Java's (?U)\\s in pipeline/spark/io.py does "
-    "not, so Spark joins and strips"))
 def test_a_title_of_information_separators_gives_the_same_text_in_both_twins(spark) -> None:
     assert twin_differences(spark, ["\x1c", "\x1f", " \x1d\u3000"], ["  body  ", "x"]) == {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import BatchSettings
-from pipeline.model.encode import Encoder
+from pipeline.model.encode import DEFAULT_BUDGET, Encoder
 from pipeline.model.spec import ModelSpec, worker_model_folder
 
 log = logging.getLogger("pipeline.model")
@@ -63,9 +63,7 @@ def pick_attention(requested: str, device: torch.device, dtype: torch.dtype) -> 
 
 def get_encoder(
     spec: ModelSpec,
-    max_batch_tokens: int,
-    max_batch_rows: int,
-    min_fill: float = 0.0,
+    budget: BatchSettings = DEFAULT_BUDGET,
     *,
     task_gpu: str | None = None,
     load_log_dir: str | None = None,
@@ -87,7 +85,7 @@ def get_encoder(
         _resident = None
         encoder = _load(spec, device, load_log_dir)
         _resident = (key, encoder)
-    return encoder.with_budget(BatchSettings(max_batch_tokens, max_batch_rows, min_fill))
+    return encoder.with_budget(budget)
 
 
 def _load(spec: ModelSpec, device: torch.device, load_log_dir: str | None) -> Encoder:

@@ -165,7 +165,8 @@ def document_text_column(text: Column, title: Column) -> Column:
     """pipeline.text.document_text in Spark SQL: the planner hashes the same text the workers
     embed, without a Python UDF."""
     clean = clean_column
-    blank_title = title.isNull() | is_blank(title)
+    # Blank once cleaned: U+001C..U+001F are whitespace to Python, not to Java's (?U)\s.
+    blank_title = title.isNull() | is_blank(clean(title))
     joined = F.regexp_replace(clean(F.concat(title, F.lit(" "), text)), _SQL_EDGE_SPACE, "")
     return F.when(blank_title, clean(text)).otherwise(joined)
 

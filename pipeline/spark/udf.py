@@ -8,14 +8,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import ChunkMode, Settings
+from pipeline.config import BatchSettings, ChunkSettings, Settings
 from pipeline.model.encode import Encoder, EncodeStats
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import ModelSpec, TextKind
@@ -34,32 +34,22 @@ class WorkerSpec:
     """What a worker needs, and nothing more: shipped to executors with the function."""
 
     model: ModelSpec
-    max_batch_tokens: int
-    max_batch_rows: int
-    min_fill: float = 0.9
-    chunk_mode: ChunkMode = "window"
-    chunk_tokens: int | None = None
-    chunk_overlap: int = 32
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    chunking: ChunkSettings = field(default_factory=ChunkSettings)
     store_text: bool = True
     vector_format: VectorFormat = "float32"
     load_log_dir: str | None = None
-    overlap: bool = True
 
 
 def worker_spec(settings: Settings, spec: ModelSpec) -> WorkerSpec:
     """The settings a worker needs, from the typed sections."""
     return WorkerSpec(
         model=spec,
-        max_batch_tokens=settings.batch.max_batch_tokens,
-        max_batch_rows=settings.batch.max_batch_rows,
-        min_fill=settings.batch.min_fill,
-        chunk_mode=settings.chunking.mode,
-        chunk_tokens=settings.chunking.chunk_tokens,
-        chunk_overlap=settings.chunking.chunk_overlap,
+        batch=settings.batch,
+        chunking=settings.chunking,
         store_text=settings.output.store_text,
         vector_format=settings.output.vector_format,
         load_log_dir=settings.run.load_log_dir,
-        overlap=settings.batch.overlap,
     )
 
 
@@ -77,8 +67,7 @@ def task_gpu() -> str | None:
 def worker_encoder(spec: WorkerSpec) -> Encoder:
     _ensure_worker_logging()
     _limit_tokenizer_threads()
-    return get_encoder(spec.model, spec.max_batch_tokens, spec.max_batch_rows, spec.min_fill,
-                       task_gpu=task_gpu(), load_log_dir=spec.load_log_dir)
+    return get_encoder(spec.model, spec.batch, task_gpu=task_gpu(), load_log_dir=spec.load_log_dir)
 
 
 def document_slices(batches: Iterable[pa.RecordBatch], slice_bytes: int = SLICE_BYTES
@@ -124,12 +113,14 @@ def chunk_and_embed(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         encoder = worker_encoder(spec)
-        window = spec.chunk_tokens or encoder.content_capacity
-        chunking = Chunking(window, spec.chunk_overlap, spec.chunk_mode == "truncate")
+        window = spec.chunking.chunk_tokens or encoder.content_capacity
+        chunking = Chunking(window, spec.chunking.chunk_overlap,
+                            spec.chunking.mode == "truncate")
         stats = EncodeStats()
         started = time.perf_counter()
         documents = 0
-        for embedded in embed_stream(encoder, document_slices(batches), chunking, spec.overlap):
+        for embedded in embed_stream(encoder, document_slices(batches), chunking,
+                                     spec.batch.overlap):
             documents += embedded.payload.num_rows
             stats.add(embedded.token_counts, embedded.padded)
             yield chunk_rows(spec, embedded)
