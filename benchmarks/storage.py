@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     _, queries_path, qrels_path = beir_files(args.dataset, args.split)
     qrels = read_qrels(qrels_path)
     asked = [q for q in jsonl_rows(queries_path) if str(q["_id"]) in qrels]
-    encoder = get_encoder(spec, BatchSettings(16384, 256))
+    encoder = get_encoder(spec, BatchSettings(16384, 256, 0.0))
     query_matrix = encoder.embed([q["text"] for q in asked], "query")
     source = spark.read.format("delta").load(args.vectors).select("doc_id", "chunk_index",
                                                                   "embedding")

@@ -52,7 +52,7 @@ def qwen3_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_encoder(minilm_path):
     spec = resolve_model_spec(ModelSettings(name=str(minilm_path)))
-    return get_encoder(spec, BatchSettings(4096, 64))
+    return get_encoder(spec, BatchSettings(4096, 64, 0.0))
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,8 @@ def test_every_variant_runs_and_stays_close_to_fp32(tmp_path):
     assert set(report["cpu"]["flags"]) == set(job.CPU_FLAGS)
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["tokens"] > 0 and row["threads"] == 1
-        assert -1 <= row["sts_spearman"] <= 1
+        # Eight pairs whose gold order MiniLM gets nearly right; each variant must too.
+        assert row["sts_spearman"] >= 0.8, row
     assert rows["fp32"]["vs_fp32"] == 1.0 and rows["fp32"]["min_cos_vs_fp32"] > 0.9999
     assert rows["bf16"]["min_cos_vs_fp32"] > 0.99
     assert rows["int8_selective"]["min_cos_vs_fp32"] > 0.95

@@ -113,7 +113,7 @@ def test_instruction_changes_the_query_vector_only(spark, qwen3_path):
     instructed = resolve_model_spec(ModelSettings(name=str(qwen3_path),
                                                   query_instruction="Find paragraphs"))
     assert plain.fingerprint == instructed.fingerprint, "documents stay comparable"
-    encoder = get_encoder(instructed, BatchSettings(4096, 64))
+    encoder = get_encoder(instructed, BatchSettings(4096, 64, 0.0))
     query = encoder.embed(["glaciers"], "query")
     document = encoder.embed(["glaciers"], "document")
     assert not np.allclose(query, document)

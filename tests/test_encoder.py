@@ -36,7 +36,7 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_minilm_matches_sentence_transformers_on_mixed_lengths(minilm_path):
     spec = resolve_model_spec(ModelSettings(name=str(minilm_path)))
-    encoder = get_encoder(spec, BatchSettings(1024, 3))
+    encoder = get_encoder(spec, BatchSettings(1024, 3, 0.0))
     reference = SentenceTransformer(str(minilm_path), device="cpu").encode(
         MIXED_TEXTS, batch_size=8, convert_to_numpy=True)
     ours = encoder.embed(MIXED_TEXTS)
@@ -47,7 +47,7 @@ def test_minilm_matches_sentence_transformers_on_mixed_lengths(minilm_path):
 @pytest.fixture(scope="module")
 def qwen3_encoder(qwen3_path):
     spec = resolve_model_spec(ModelSettings(name=str(qwen3_path), query_instruction=QUERY_TASK))
-    return get_encoder(spec, BatchSettings(2048, 4))
+    return get_encoder(spec, BatchSettings(2048, 4, 0.0))
 
 
 def test_qwen3_hello_world_tokens_end_with_endoftext_once(qwen3_encoder):
@@ -79,9 +79,9 @@ def test_qwen3_documents_and_queries_match_sentence_transformers(qwen3_path, qwe
 
 def test_matryoshka_output_dim_is_normalised_prefix_of_full_vector(minilm_path):
     full = get_encoder(resolve_model_spec(ModelSettings(name=str(minilm_path), normalize=False)),
-                       BatchSettings(4096, 64)).embed(MIXED_TEXTS)
+                       BatchSettings(4096, 64, 0.0)).embed(MIXED_TEXTS)
     cut_spec = resolve_model_spec(ModelSettings(name=str(minilm_path), output_dim=64))
-    cut = get_encoder(cut_spec, BatchSettings(4096, 64)).embed(MIXED_TEXTS)
+    cut = get_encoder(cut_spec, BatchSettings(4096, 64, 0.0)).embed(MIXED_TEXTS)
     expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
     assert cut.shape == (len(MIXED_TEXTS), 64)
     assert np.allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-5)
@@ -115,7 +115,8 @@ def watched_encoder(encoder: Encoder, max_batch_tokens: int, max_batch_rows: int
                     fits_rows: int | None = None) -> tuple[Encoder, WatchedModel]:
     """A view of the same loaded model, tokenizer and spec under its own batch limits, whose
     model is watched."""
-    view = copy.copy(get_encoder(encoder.spec, BatchSettings(max_batch_tokens, max_batch_rows)))
+    budget = BatchSettings(max_batch_tokens, max_batch_rows, min_fill=0.0)
+    view = copy.copy(get_encoder(encoder.spec, budget))
     view.model = WatchedModel(view.model, fits_rows)
     return view, view.model
 
@@ -153,6 +154,22 @@ def test_out_of_memory_inside_embed_ids_halves_batches_to_the_unsplit_vectors(mi
     assert (padded == unsplit_padded).all()
 
 
+def test_out_of_memory_in_the_overlapped_stream_halves_batches_to_the_unsplit_vectors(
+        minilm_encoder):
+    from pipeline.model.stream import Chunking, embed_stream
+
+    slices = [(index, BUDGET_TEXTS[index:index + 10]) for index in range(0, 40, 10)]
+    chunking = Chunking(window=254, overlap=16, truncate=False)
+    unsplit_encoder, _ = watched_encoder(minilm_encoder, 4096, 16)
+    unsplit = np.concatenate([s.vectors for s in embed_stream(unsplit_encoder, slices, chunking)])
+    encoder, model = watched_encoder(minilm_encoder, 4096, 16, fits_rows=3)
+    embedded = list(embed_stream(encoder, slices, chunking, overlap=True))
+    assert [s.payload for s in embedded] == [0, 10, 20, 30], "slices in order"
+    assert model.out_of_memory, "batches above three rows ran out of memory"
+    assert all(rows <= 3 for rows, _ in model.passes)
+    assert max_abs_diff(np.concatenate([s.vectors for s in embedded]), unsplit) <= 1e-5
+
+
 def test_window_chunks_cover_the_text_with_configured_overlap(minilm_encoder):
     text = " ".join(f"token{i}" for i in range(700))
     chunks = minilm_encoder.chunk([text], window=100, overlap=20, truncate=False)[0]
@@ -184,7 +201,7 @@ def test_a_document_prompt_leaves_room_so_every_chunk_token_is_embedded(minilm_p
     st_config.write_text(json.dumps({**config, "prompts": {"query": "query: ",
                                                            "document": "passage: "}}))
     encoder = get_encoder(resolve_model_spec(ModelSettings(name=str(folder))),
-                          BatchSettings(4096, 64))
+                          BatchSettings(4096, 64, 0.0))
     text = "alpha beta gamma delta " * 200
     chunks = encoder.chunk([text], window=encoder.content_capacity, overlap=0, truncate=False)[0]
     assert len(chunks) > 1
@@ -200,11 +217,11 @@ def test_same_weights_under_another_prompt_or_length_reuse_the_model_with_the_ne
     from pipeline.model import load
 
     # other tests may have loaded others
-    resident = get_encoder(minilm_encoder.spec, BatchSettings(4096, 64))
+    resident = get_encoder(minilm_encoder.spec, BatchSettings(4096, 64, 0.0))
     loads = load.load_count
     changed = resolve_model_spec(ModelSettings(name=str(minilm_path), max_length=64,
                                                query_instruction="Find it"))
-    encoder = get_encoder(changed, BatchSettings(4096, 64))
+    encoder = get_encoder(changed, BatchSettings(4096, 64, 0.0))
     assert encoder.spec == changed and encoder.model is resident.model
     assert load.load_count == loads
     assert max(len(row) for row in encoder.tokenize(["word " * 500])) == 64

@@ -133,7 +133,12 @@ def reference(minilm_path) -> SentenceTransformer:
 
 
 def test_bridge_reuses_the_resident_encoder(minilm_path, encoder):
-    assert MtebEncoder(str(minilm_path), batch=TEST_BATCH).encoder is encoder, "no second load"
+    from pipeline.model import load
+
+    loads = load.load_count
+    again = MtebEncoder(str(minilm_path), batch=TEST_BATCH).encoder
+    assert again.model is encoder.model and load.load_count == loads, "no second load"
+    assert again.budget == TEST_BATCH
     assert MtebEncoder(encoder).encoder is encoder
     with pytest.raises(TypeError, match="already loaded"):
         MtebEncoder(encoder, output_dim=64)

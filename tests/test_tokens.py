@@ -43,7 +43,7 @@ def long_documents(count: int, seed: int) -> list[str]:
 def encoder_and_tokenizer(request, qwen3_path, minilm_path):
     path = qwen3_path if request.param == "qwen3" else minilm_path
     spec = resolve_model_spec(ModelSettings(name=str(path), max_length=128))
-    return get_encoder(spec, BatchSettings(4096, 64)), AutoTokenizer.from_pretrained(str(path))
+    return get_encoder(spec, BatchSettings(4096, 64, 0.0)), AutoTokenizer.from_pretrained(str(path))
 
 
 def retokenized(tokenizer, text: str, lasttoken: bool) -> list[int]:
@@ -83,7 +83,7 @@ def test_window_chunks_cover_every_content_token(encoder_and_tokenizer):
 
 def test_qwen3_chunk_vectors_equal_sentence_transformers_on_the_chunk_texts(qwen3_path):
     spec = resolve_model_spec(ModelSettings(name=str(qwen3_path), max_length=128))
-    encoder = get_encoder(spec, BatchSettings(4096, 64))
+    encoder = get_encoder(spec, BatchSettings(4096, 64, 0.0))
     chunks = [c for doc in encoder.chunk(long_documents(6, seed=3), encoder.content_capacity, 16,
                                          False) for c in doc]
     ours, _ = encoder.embed_ids([chunk.ids for chunk in chunks])
