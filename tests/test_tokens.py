@@ -35,6 +35,9 @@ def long_documents(count: int, seed: int) -> list[str]:
         joiner = rng.choice([" ", "", "\n"])
         documents.append(joiner.join(parts))
     documents.append("👨\u200d👩\u200d👧" * 200)  # one word far longer than a window
+    # Few characters, many tokens: first tokenized without offsets, then again with them.
+    documents.append("中文字符和日本語" * 12)
+    documents.append("👨\u200d👩\u200d👧 " * 20)
     documents.append("x" * 3000)
     return documents
 

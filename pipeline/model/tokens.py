@@ -18,6 +18,8 @@ from pipeline.text import Chunk, chunk_text, word_starts
 
 log = logging.getLogger("pipeline.model")
 
+# A text this short per token of the limit is tokenized without offsets first (_encodings).
+SHORT_CHARS_PER_TOKEN = 3
 # Words of many scripts, cut at each word start by the self-check.
 CUT_PROBE = ("Hello  world, (test) don't 12345 e\u0301x naïve 中文字符 ไทย العربية "
              "👨\u200d👩\u200d👧 x\n\ny  end.")
@@ -87,9 +89,7 @@ class ChunkTokenizer:
         window = min(window, self.capacity)
         limit = self.capacity if truncate else window
         documents = []
-        for text, encoding in zip(texts, self.backend.encode_batch(list(texts),
-                                                                   add_special_tokens=False),
-                                  strict=True):
+        for text, encoding in zip(texts, self._encodings(texts, limit), strict=True):
             ids = encoding.ids
             if len(ids) <= limit:
                 documents.append([EncodedChunk(0, text, 0, len(text), 0, len(ids), True,
@@ -100,6 +100,25 @@ class ChunkTokenizer:
             chunks = chunk_text(text, offsets, self.capacity, window, overlap, truncate, starts)
             documents.append([self._encoded(chunk, ids, offsets, text) for chunk in chunks])
         return documents
+
+    def _encodings(self, texts: Sequence[str], limit: int) -> list:
+        """One encoding per text. A text of at most SHORT_CHARS_PER_TOKEN characters per token
+        of the limit is tokenized without offsets (a sixth less CPU; it nearly always fits);
+        longer ones, and a short one that does not fit after all, with the offsets that cutting
+        needs."""
+        short = [i for i, text in enumerate(texts) if len(text) <= limit * SHORT_CHARS_PER_TOKEN]
+        encodings: list = [None] * len(texts)
+        for i, encoding in zip(short, self._fast([texts[i] for i in short]), strict=True):
+            encodings[i] = encoding if len(encoding) <= limit else None
+        cut = [i for i, encoding in enumerate(encodings) if encoding is None]
+        full = self.backend.encode_batch([texts[i] for i in cut], add_special_tokens=False)
+        for i, encoding in zip(cut, full, strict=True):
+            encodings[i] = encoding
+        return encodings
+
+    def _fast(self, texts: list[str]) -> list:
+        fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return fast(texts, add_special_tokens=False)
 
     def wrap(self, content: list[int]) -> list[int]:
         return [*self.prefix, *self.prompt_ids, *content, *self.suffix]
