@@ -32,6 +32,7 @@ from pipeline.logs import configure_job_logging, print_json_result
 from pipeline.metrics import read_qrels, retrieval_scores
 from pipeline.model.load import get_encoder
 from pipeline.model.spec import resolve_model_spec
+from pipeline.schema import VECTOR_SCHEMA, ddl
 from pipeline.search import Queries, exact_search
 from pipeline.spark.session import get_spark
 from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
@@ -40,8 +41,8 @@ from pipeline.vectors import VECTOR_FORMATS, arrow_matrix, stored_vectors, unit_
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-VARIANT_DDL = ("doc_id string, chunk_index int, embedding array<float>, "
-               "embedding_packed binary, embedding_scale float")
+VARIANT_DDL = ddl(VECTOR_SCHEMA, ["doc_id", "chunk_index", "embedding", "embedding_packed",
+                                  "embedding_scale"])
 COLUMNS = [("format", "format", "{}"), ("dim", "dim", "{}"),
            ("vector_bytes", "bytes/vector", "{:.0f}"),
            ("size_vs_float32", "vs float32", "{:.3f}"), ("ndcg@10", "nDCG@10", "{:.4f}"),
