@@ -4,7 +4,6 @@ the summary."""
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -15,11 +14,7 @@ from pyspark.sql import SparkSession
 from pipeline.config import Settings, WriteMode
 from pipeline.model.spec import ModelSpec
 from pipeline.spark.session import default_parallelism
-from pipeline.store.delta import (
-    TableRef,
-)
-
-log = logging.getLogger("pipeline.embed")
+from pipeline.store.delta import TableRef
 
 
 @dataclass

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 
 from pipeline.run.state import Run, RunSummary
-
-log = logging.getLogger("pipeline.embed")
 
 
 def summarize(run: Run) -> RunSummary:
