@@ -66,7 +66,6 @@ def settings_for(folder: Path, overrides: list[str] | None = None, **flags: Any)
 
 def busy(trace: list[dict]) -> dict[str, float]:
     return {"busy_seconds": sum(line["end"] - line["start"] for line in trace),
-            "model_cpu_seconds": sum(line.get("cpu", 0.0) for line in trace),
             "forward_passes": len(trace)}
 
 

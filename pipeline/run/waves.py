@@ -67,22 +67,35 @@ def warming_workers(run: Run) -> Iterator[None]:
     thread.start()
     try:
         yield
-        if run.plan is not None and not run.plan.to_embed:
-            interrupt_spark_jobs(run.spark, f"{run.run_id}-warm")
+        if not run.plan.to_embed:
+            interrupt_spark_jobs(run.spark, _job_tag(run, "warm"))
     finally:
         thread.join()
 
 
 def _warm(run: Run, warm: DataFrame) -> None:
     started = time.perf_counter()
-    run.spark.addTag(f"{run.run_id}-warm")
     try:
-        warm.collect()
+        with _tagged(run, "warm"):
+            warm.collect()
         log.info("run %s: workers ready in %.1fs", run.run_id, time.perf_counter() - started)
     except Exception as error:
         log.info("run %s: warming the workers stopped: %r", run.run_id, error)
+
+
+def _job_tag(run: Run, step: str) -> str:
+    return f"{run.run_id}-{step}"
+
+
+@contextmanager
+def _tagged(run: Run, step: str) -> Iterator[None]:
+    """The Spark jobs this thread starts meanwhile carry the step's tag (tags are per thread),
+    so interrupt_spark_jobs can stop them alone."""
+    run.spark.addTag(_job_tag(run, step))
+    try:
+        yield
     finally:
-        run.spark.removeTag(f"{run.run_id}-warm")
+        run.spark.removeTag(_job_tag(run, step))
 
 
 def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
@@ -145,12 +158,9 @@ def embedded_waves(run: Run, waves: list[Wave]
     (its Spark jobs carry a tag of their own) and released."""
     def embed(wave: Wave) -> tuple[DataFrame, ChunkTotals, float]:
         started = time.perf_counter()
-        run.spark.addTag(f"{run.run_id}-embed")
-        try:
+        with _tagged(run, "embed"):
             chunks = _materialized(observed_chunks(run, wave.docs))
             return chunks, _observed_totals(chunks), time.perf_counter() - started
-        finally:
-            run.spark.removeTag(f"{run.run_id}-embed")
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{run.run_id}")
     pending = pool.submit(embed, waves[0]) if waves else None
@@ -178,7 +188,7 @@ def _stop_waves(run: Run, pending: Future | None, current: DataFrame | None) -> 
     frames = [current] if current is not None else []
     if pending is not None:
         if not pending.done():
-            interrupt_spark_jobs(run.spark, f"{run.run_id}-embed")
+            interrupt_spark_jobs(run.spark, _job_tag(run, "embed"))
         with suppress(BaseException):  # stopped or failed: the run's error is the one to report
             frames.append(pending.result()[0])
     for frame in frames:

@@ -28,7 +28,6 @@ log = logging.getLogger("pipeline.spark.udf")
 SLICE_BYTES = 1 << 19
 
 
-
 @dataclass(frozen=True)
 class WorkerSpec:
     """What a worker needs, and nothing more: shipped to executors with the function."""
