@@ -33,6 +33,9 @@ ChunkMode = Literal["window", "truncate"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 PaddingSide = Literal["auto", "left", "right"]
+# Where vectors come from: the model in the Python workers, or a serving endpoint speaking the
+# OpenAI embeddings API (TEI, vLLM, Infinity, hosted APIs) or TEI's native `/embed`.
+Backend = Literal["local", "openai", "tei"]
 INPUT_FORMATS = get_args(InputFormat)
 WRITE_MODES = get_args(WriteMode)
 SNAPSHOTS = get_args(Snapshot)
@@ -42,6 +45,7 @@ CHUNK_MODES = get_args(ChunkMode)
 DTYPES = get_args(Dtype)
 ATTENTION = get_args(Attention)
 PADDING_SIDES = get_args(PaddingSide)
+BACKENDS = get_args(Backend)
 # The common command-line flags and the settings they set.
 FLAG_KEYS = {
     "input": "input.path",
@@ -99,8 +103,40 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class EndpointSettings:
+    """A serving endpoint (model.backend openai or tei). model.name is the model it serves."""
+
+    url: str = ""  # base URL: http://host:8080 (openai: /v1/embeddings is appended unless given)
+    # The API key, read where it is used and never logged or recorded: the name of an
+    # environment variable holding it, or a file (a mounted secret) holding it.
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    timeout_s: float = 60.0
+    # The model's tokenizer (a folder or package:NAME) to chunk by its tokens; without one,
+    # documents are cut into windows of max_input_chars characters.
+    tokenizer: str | None = None
+    max_input_chars: int = 2000
+    # One request holds at most this many inputs, and this many tokens (characters without a
+    # tokenizer); an input over the budget goes alone.
+    max_request_inputs: int = 32
+    max_request_tokens: int = 8192
+    max_request_chars: int = 32000
+    # Requests in flight at once per executor, across all its tasks (see the README).
+    concurrency: int = 4
+    requests_per_minute: int | None = None  # per executor
+    tokens_per_minute: int | None = None  # per executor; characters / 4 without a tokenizer
+    max_retries: int = 6  # per request, on 429, 5xx, resets and timeouts
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    # This many failed attempts in a row (across requests) stop the run with one error.
+    max_consecutive_failures: int = 12
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     name: str = ""
+    backend: Backend = "local"
+    endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     id: str | None = None
     pooling: Pooling = "auto"
     normalize: bool | None = None
@@ -402,6 +438,7 @@ def validate(settings: Settings, require_io: bool = True) -> None:
     if settings.input.duplicates == "keep_last" and not settings.input.order_col:
         raise SettingsError("input.duplicates=keep_last needs input.order_col (the column whose "
                             "largest value wins)")
+    _validate_endpoint(settings.model)
     if settings.output.commit_retries < 0:
         raise SettingsError("output.commit_retries must be >= 0")
     chunk = settings.chunking
@@ -412,3 +449,25 @@ def validate(settings: Settings, require_io: bool = True) -> None:
             f"chunking.chunk_overlap ({chunk.chunk_overlap}) must be smaller than "
             f"chunking.chunk_tokens ({chunk.chunk_tokens})"
         )
+
+
+def _validate_endpoint(model: ModelSettings) -> None:
+    endpoint = model.endpoint
+    if model.backend == "local":
+        return
+    if not endpoint.url.startswith(("http://", "https://")):
+        raise SettingsError(f"model.backend={model.backend} needs model.endpoint.url, an "
+                            f"http:// or https:// URL (got {endpoint.url!r})")
+    if endpoint.api_key_env and endpoint.api_key_file:
+        raise SettingsError("set one of model.endpoint.api_key_env and "
+                            "model.endpoint.api_key_file, not both")
+    positive = ["timeout_s", "max_input_chars", "max_request_inputs", "max_request_tokens",
+                "max_request_chars", "concurrency", "requests_per_minute", "tokens_per_minute",
+                "max_consecutive_failures"]
+    for name in positive:
+        value = getattr(endpoint, name)
+        if value is not None and value <= 0:
+            raise SettingsError(f"model.endpoint.{name} must be positive, got {value}")
+    for name in ("max_retries", "backoff_s", "max_backoff_s"):
+        if getattr(endpoint, name) < 0:
+            raise SettingsError(f"model.endpoint.{name} must be >= 0")

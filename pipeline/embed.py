@@ -68,9 +68,12 @@ def run_embedding(spark: SparkSession, settings: Settings, *, dry_run: bool = Fa
 
 def _checked_inputs(run: Run, dry_run: bool = False) -> DataFrame:
     """The source (its columns checked), then the model folder (its spec kept in the run, which
-    every later step reads), then the source's rows flagged: all before any model loads."""
+    every later step reads), then the source's rows flagged: all before any model loads. An
+    endpoint is probed first, before Spark reads anything."""
+    if run.settings.model.backend != "local":
+        run.spec = resolve_model_spec(run.settings.model)
     source = read_source(run.spark, run.settings.input)
-    run.spec = resolve_model_spec(run.settings.model)
+    run.spec = run.spec or resolve_model_spec(run.settings.model)
     return check_inputs(run, source, dry_run)
 
 

@@ -20,14 +20,19 @@ CHUNK_SCHEMA = pa.schema([
     ("embedding_packed", pa.binary()),
     ("embedding_scale", pa.float32()),
     ("content_hash", pa.string()),
+    # An endpoint's account, counted, not stored: a refused document's one row (chunk_index
+    # -1) holds the server's message, and a slice's first row the retries its requests took.
+    ("refusal", pa.string()),
+    ("retries", pa.int32()),
 ])
+ACCOUNT_COLUMNS = ("padded_tokens", "refusal", "retries")
 PROVENANCE = [
     ("model_id", pa.string()),
     ("model_fingerprint", pa.string()),
     ("embedded_at", pa.timestamp("us", tz="UTC")),
     ("run_id", pa.string()),
 ]
-VECTOR_SCHEMA = pa.schema([field for field in CHUNK_SCHEMA if field.name != "padded_tokens"]
+VECTOR_SCHEMA = pa.schema([field for field in CHUNK_SCHEMA if field.name not in ACCOUNT_COLUMNS]
                           + [pa.field(name, kind) for name, kind in PROVENANCE])
 
 _SPARK_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint",

@@ -34,7 +34,7 @@ from pipeline.errors import InputError, UsageError
 from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
 from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
-from pipeline.store.delta import VECTOR_PROPERTIES, TableRef, check_same_model
+from pipeline.store.delta import PROBE_PROPERTY, VECTOR_PROPERTIES, TableRef, check_same_model
 from pipeline.store.runs import last_succeeded_config
 from pipeline.store.vectors import (
     STORED_COLUMNS,
@@ -129,6 +129,7 @@ def is_tables_model(model: ModelSettings, properties: dict[str, str]) -> bool:
         recorded = resolve_model_spec(model).table_properties()
     except ModelSpecError:
         return False
+    recorded.pop(PROBE_PROPERTY, None)  # compared by cosine, in check_same_model
     return all(properties.get(key) == value for key, value in recorded.items())
 
 

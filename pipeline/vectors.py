@@ -103,3 +103,36 @@ def batch_matrix(batch: pa.RecordBatch, fmt: str, dim: int) -> np.ndarray:
     scales = (batch.column("embedding_scale").to_numpy(zero_copy_only=False)
               if fmt == "int8" else None)
     return unpack_vectors(batch.column("embedding_packed").to_pylist(), scales, fmt, dim)
+
+
+# --- probe vectors: what an endpoint's model is, recorded with the table --------------------
+PROBE_DIMENSIONS = 64
+
+
+def encode_probe(vectors: np.ndarray) -> str:
+    """Probe texts' vectors as a short text for a table property: the first PROBE_DIMENSIONS
+    dimensions of each, as unit float16 rows, in base64."""
+    import base64
+
+    head = unit_rows(np.asarray(vectors, np.float32)[:, :PROBE_DIMENSIONS])
+    return f"{len(head)}x{head.shape[1]}:" + base64.b64encode(head.astype("<f2").tobytes()).decode()
+
+
+def probe_agreement(recorded: str, current: str) -> float:
+    """The lowest cosine between the same probe text's recorded and current vectors (1.0: the
+    same model; a server's batching moves it by about 1e-4); 0.0 when they cannot compare."""
+    import base64
+
+    try:
+        shapes, matrices = [], []
+        for text in (recorded, current):
+            shape, data = text.split(":", 1)
+            rows, dim = (int(part) for part in shape.split("x"))
+            shapes.append((rows, dim))
+            matrices.append(np.frombuffer(base64.b64decode(data), "<f2")
+                            .reshape(rows, dim).astype(np.float32))
+    except ValueError:
+        return 0.0
+    if shapes[0] != shapes[1]:
+        return 0.0
+    return float(row_cosines(*matrices).min())

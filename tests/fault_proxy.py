@@ -50,7 +50,7 @@ TEI_MESSAGES = {429: "Model is overloaded", 503: "unhealthy"}
 class Fault:
     """One thing that goes wrong with one request. Build with the class methods."""
 
-    kind: str  # "status", "drop" or "delay"
+    kind: str  # "status", "drop", "delay" or "pass"
     status_code: int = 0
     retry_after: float | None = None
     message: str | None = None
@@ -70,6 +70,12 @@ class Fault:
         """Read the request, then close the connection without a byte of reply: http.client
         raises RemoteDisconnected (a ConnectionResetError), requests a ConnectionError."""
         return cls("drop")
+
+    @classmethod
+    def passthrough(cls) -> Fault:
+        """Nothing goes wrong: the request is forwarded (to let the first requests through
+        before the faults that follow); not counted as a fault."""
+        return cls("pass")
 
     @classmethod
     def delay(cls, seconds: float) -> Fault:
@@ -147,6 +153,8 @@ class ProxyStats:
     forwarded: int = 0  # requests sent upstream (a TEI /embed counts once)
     faults: Counter = field(default_factory=Counter)  # by label: status_429, drop, delay, refused
     inputs: list[str] = field(default_factory=list)  # every embedding input seen, in order
+    in_flight: int = 0  # embedding requests being answered now
+    max_in_flight: int = 0  # the most at once
     requests: list[RequestRecord] = field(default_factory=list)
 
     @property
@@ -267,6 +275,8 @@ class FaultProxy:
             for index, (fault, any_request) in enumerate(self._faults):
                 if embedding or any_request:
                     del self._faults[index]
+                    if fault.kind == "pass":
+                        return None
                     self.stats.faults[fault.label] += 1
                     return fault
             return None
@@ -284,6 +294,11 @@ class FaultProxy:
             self.stats.requests.append(record)
             if record.inputs:
                 self.stats.inputs.extend(record.inputs)
+
+    def _in_flight(self, change: int) -> None:
+        with self._lock:
+            self.stats.in_flight += change
+            self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -395,6 +410,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle()
 
     def _handle(self) -> None:
+        embedding = self.command == "POST" and urllib.parse.urlsplit(self.path).path.endswith(
+            ("/embeddings", "/embed"))
+        if not embedding:
+            self._answer()
+            return
+        self.proxy._in_flight(+1)
+        try:
+            self._answer()
+        finally:
+            self.proxy._in_flight(-1)
+
+    def _answer(self) -> None:
         proxy = self.proxy
         proxy._count("received")
         path = urllib.parse.urlsplit(self.path).path

@@ -10,12 +10,16 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.config import BatchSettings
 from pipeline.model.encode import DEFAULT_BUDGET, Encoder
 from pipeline.model.spec import ModelSpec, worker_model_folder
+
+if TYPE_CHECKING:
+    from pipeline.endpoint.encoder import EndpointEncoder
 
 log = logging.getLogger("pipeline.model")
 
@@ -67,12 +71,16 @@ def get_encoder(
     *,
     task_gpu: str | None = None,
     load_log_dir: str | None = None,
-) -> Encoder:
+) -> Encoder | EndpointEncoder:
     """The process's encoder for `spec`, loading it on first use. One model stays resident: a
     different model replaces it, so a GPU never holds two; the same weights under another
     prompt or max length are reused with the new spec. Each call returns its own view under its
     own batch budget: the resident encoder is never changed."""
     global _resident, load_count
+    if spec.endpoint is not None:
+        from pipeline.endpoint.encoder import endpoint_encoder
+
+        return endpoint_encoder(spec, budget)
     device = pick_device(spec.device, task_gpu)
     key = (spec.path, spec.fingerprint, str(device), spec.dtype, spec.attn_implementation,
            spec.padding_side)

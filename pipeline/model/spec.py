@@ -13,10 +13,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import PACKAGE_PREFIX, ModelSettings, default_model_id
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.endpoint.http import EndpointSpec
 
 QWEN3_QUERY_TEMPLATE = "Instruct: {task}\nQuery:"
 DECODER_MODEL_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text"}
@@ -63,6 +66,12 @@ class ModelSpec:
     fingerprint: str
     source: str = ""
     files_digest: str = ""
+    # A serving endpoint's model (model.backend openai or tei): the endpoint to call, the
+    # revision it reports, and its vectors of the probe texts (pipeline.endpoint.probe).
+    # `path` is then the model's tokenizer folder, or "" when chunking by characters.
+    endpoint: EndpointSpec | None = None
+    revision: str = ""
+    probe_vectors: str = ""
 
     @property
     def dimension(self) -> int:
@@ -75,7 +84,14 @@ class ModelSpec:
         return self.query_prompt if kind == "query" else self.document_prompt
 
     def table_properties(self) -> dict[str, str]:
+        served = {} if self.endpoint is None else {
+            "pipeline.backend": self.endpoint.api,
+            "pipeline.endpoint_model": self.endpoint.model,
+            "pipeline.endpoint_revision": self.revision,
+            "pipeline.probe_vectors": self.probe_vectors,
+        }
         return {
+            **served,
             "pipeline.model_id": self.model_id,
             "pipeline.model_fingerprint": self.fingerprint,
             "pipeline.dimension": str(self.dimension),
@@ -87,9 +103,10 @@ class ModelSpec:
         }
 
 
-def resolve_model_path(name: str) -> Path:
+def resolve_model_path(name: str, weights: bool = True) -> Path:
     """A local folder, `package:NAME` (an installed package with `get_model_path()`), or a hub id
-    (downloaded by huggingface_hub when the machine is online)."""
+    (downloaded by huggingface_hub when the machine is online; without the weights for an
+    endpoint's tokenizer)."""
     if name.startswith(PACKAGE_PREFIX):
         package = name[len(PACKAGE_PREFIX) :]
         try:
@@ -107,7 +124,7 @@ def resolve_model_path(name: str) -> Path:
             raise ModelSpecError(f"model folder {path} has no config.json; it holds {found}")
         return path.resolve()
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return _download_from_hub(name)
+        return _download_from_hub(name, weights=weights)
     raise ModelSpecError(f"model folder {name} does not exist (and it is not a hub id "
                          f"org/name); {_nearest_listing(path)}")
 
@@ -121,13 +138,12 @@ def _nearest_listing(path: Path) -> str:
     return f"{parent} holds {found}"
 
 
-def _download_from_hub(repo_id: str, revision: str | None = None) -> Path:
+def _download_from_hub(repo_id: str, revision: str | None = None, weights: bool = True) -> Path:
+    patterns = ["*.json", "*.txt", "*.model", "*/*.json", *(["*.safetensors"] if weights else [])]
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=["*.json", "*.txt", "*.safetensors",
-                                                      "*.model", "*/*.json"]))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as error:
         raise ModelSpecError(
             f"model {repo_id!r} is not a local folder and could not be fetched from the hub "
@@ -135,13 +151,13 @@ def _download_from_hub(repo_id: str, revision: str | None = None) -> Path:
         ) from error
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _pooling_from_folder(folder: Path) -> tuple[str | None, bool]:
     """(pooling mode, has Normalize module) declared by sentence-transformers `modules.json`."""
-    modules = _read_json(folder / "modules.json") if (folder / "modules.json").exists() else None
+    modules = read_json(folder / "modules.json") if (folder / "modules.json").exists() else None
     if not modules:
         return None, False
     pooling = None
@@ -149,7 +165,7 @@ def _pooling_from_folder(folder: Path) -> tuple[str | None, bool]:
     for module in modules:
         kind = module.get("type", "")
         if kind.endswith("Pooling"):
-            config = _read_json(folder / module.get("path", "") / "config.json")
+            config = read_json(folder / module.get("path", "") / "config.json")
             modes = [mode for key, mode in ST_POOLING_KEYS.items() if config.get(key)]
             if len(modes) != 1:
                 raise ModelSpecError(f"{folder}: expected one pooling mode, found {modes}")
@@ -159,12 +175,12 @@ def _pooling_from_folder(folder: Path) -> tuple[str | None, bool]:
     return pooling, normalize
 
 
-def _default_max_length(folder: Path, config: dict[str, Any]) -> int:
-    declared = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+def default_max_length(folder: Path, config: dict[str, Any]) -> int:
+    declared = read_json(folder / "sentence_bert_config.json").get("max_seq_length")
     if declared:
         return int(declared)
     limits = [config.get("max_position_embeddings")]
-    tokenizer_limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
+    tokenizer_limit = read_json(folder / "tokenizer_config.json").get("model_max_length")
     if tokenizer_limit and tokenizer_limit < 1_000_000:
         limits.append(tokenizer_limit)
     limits = [int(x) for x in limits if x]
@@ -217,7 +233,8 @@ def worker_model_folder(spec: ModelSpec) -> str:
     if spec.source.startswith(PACKAGE_PREFIX):
         folder = resolve_model_path(spec.source)
     elif driver_path.parent.name == "snapshots":  # the driver downloaded it from the hub
-        folder = _download_from_hub(spec.source, revision=driver_path.name)
+        folder = _download_from_hub(spec.source, revision=driver_path.name,
+                                    weights=spec.endpoint is None)
     else:
         raise ModelSpecError(
             f"model folder {spec.path} is not on this executor; put it on storage every "
@@ -242,9 +259,14 @@ def _sampled_file_digest(path: Path, block: int = 1 << 20) -> bytes:
 
 
 def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
+    """The spec of the model folder, or of the endpoint (model.backend), which is probed."""
+    if settings.backend != "local":
+        from pipeline.endpoint.probe import endpoint_model_spec
+
+        return endpoint_model_spec(settings)
     folder = resolve_model_path(settings.name)
     _check_weights(folder, settings.allow_pickle_weights)
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     model_type = str(config.get("model_type", ""))
     hidden_size = int(config.get("hidden_size") or config.get("d_model") or 0)
     if not hidden_size:
@@ -257,10 +279,10 @@ def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
     output_dim = settings.output_dim
     if output_dim is not None and output_dim > hidden_size:
         raise ModelSpecError(f"model.output_dim {output_dim} exceeds the model's {hidden_size}")
-    query_prompt, document_prompt = _prompts(folder, settings.query_instruction)
+    query_prompt, document_prompt = folder_prompts(folder, settings.query_instruction)
     padding_side = settings.padding_side
     if padding_side == "auto":
-        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        tokenizer_config = read_json(folder / "tokenizer_config.json")
         default_side = "left" if pooling == "lasttoken" else "right"
         padding_side = tokenizer_config.get("padding_side", default_side)
     identity = {
@@ -275,7 +297,7 @@ def resolve_model_spec(settings: ModelSettings) -> ModelSpec:
         model_type=model_type,
         pooling=pooling,
         normalize=bool(normalize),
-        max_length=settings.max_length or _default_max_length(folder, config),
+        max_length=settings.max_length or default_max_length(folder, config),
         hidden_size=hidden_size,
         output_dim=output_dim,
         padding_side=padding_side,
@@ -316,8 +338,8 @@ def _choose_pooling(configured: str, from_folder: str | None, model_type: str) -
     return pooling
 
 
-def _prompts(folder: Path, query_instruction: str | None) -> tuple[str, str]:
-    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+def folder_prompts(folder: Path, query_instruction: str | None) -> tuple[str, str]:
+    prompts = read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
     query = prompts.get("query", "")
     if query_instruction:
         query = QWEN3_QUERY_TEMPLATE.format(task=query_instruction)

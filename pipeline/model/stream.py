@@ -9,7 +9,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ class EmbeddedSlice(Generic[P]):
     token_counts: np.ndarray
     vectors: np.ndarray
     padded: np.ndarray  # each chunk's padded length: the longest row of its model batch
+    # An endpoint's answers: each chunk's refusal (the server's message; None when embedded),
+    # and the retries its requests took.
+    refusals: list[str | None] | None = None
+    retries: int = 0
 
 
 def prepare_slice(encoder: Encoder, chunking: Chunking, payload: P, texts: Sequence[str]
@@ -72,19 +76,32 @@ def embed_slice(encoder: Encoder, prepared: PreparedSlice[P]) -> EmbeddedSlice[P
     return EmbeddedSlice(prepared.payload, chunks, prepared.owners, token_counts, vectors, padded)
 
 
-def embed_stream(encoder: Encoder, slices: Iterable[tuple[P, Sequence[str]]], chunking: Chunking,
-                 overlap: bool = True) -> Iterator[EmbeddedSlice[P]]:
+def embed_stream(encoder: Encoder | SliceEncoder, slices: Iterable[tuple[P, Sequence[str]]],
+                 chunking: Chunking, overlap: bool = True) -> Iterator[EmbeddedSlice[P]]:
     """Each slice's chunks and vectors, in order. With `overlap`, preparing runs one slice ahead
-    of the model in a thread of its own, and the model one slice ahead of the caller."""
-    def prepare(item: tuple[P, Sequence[str]]) -> PreparedSlice[P]:
-        return prepare_slice(encoder, chunking, *item)
+    of the model in a thread of its own, and the model one slice ahead of the caller. An
+    encoder of another kind (an endpoint's) brings its own two stages."""
+    def prepare(item: tuple[P, Sequence[str]]) -> Any:
+        if isinstance(encoder, Encoder):
+            return prepare_slice(encoder, chunking, *item)
+        return encoder.prepare_slice(chunking, *item)
 
-    def embed(prepared: PreparedSlice[P]) -> EmbeddedSlice[P]:
-        return embed_slice(encoder, prepared)
+    def embed(prepared: Any) -> EmbeddedSlice[P]:
+        if isinstance(encoder, Encoder):
+            return embed_slice(encoder, prepared)
+        return encoder.embed_slice(prepared)
 
     if not overlap:
         return (embed(prepare(item)) for item in slices)
     return overlapped(slices, [prepare, embed])
+
+
+class SliceEncoder(Protocol):
+    """An encoder that is not a local model: it prepares and embeds slices its own way."""
+
+    def prepare_slice(self, chunking: Chunking, payload: Any, texts: Sequence[str]) -> Any: ...
+
+    def embed_slice(self, prepared: Any) -> EmbeddedSlice: ...
 
 
 _DONE = object()

@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import ClassVar
 
 from pyspark.sql import SparkSession
 
@@ -56,6 +57,8 @@ class RunSummary:
     chunks_written: int
     rejected: int
     waves: int
+    documents_refused: int
+    endpoint_retries: int
     tokens: int
     padded_tokens: int
     padding_efficiency: float
@@ -73,9 +76,14 @@ class ChunkTotals:
     chunks: int = 0
     tokens: int = 0
     padded: int = 0
+    refused: int = 0  # documents an endpoint refused (quarantined)
+    retries: int = 0  # an endpoint's retried requests
+
+    NAMES: ClassVar[tuple[str, ...]] = ("documents", "chunks", "tokens", "padded", "refused",
+                                        "retries")
 
     def add(self, other: ChunkTotals) -> None:
-        for name in ("documents", "chunks", "tokens", "padded"):
+        for name in self.NAMES:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 

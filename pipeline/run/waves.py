@@ -13,10 +13,10 @@ from contextlib import closing, contextmanager, suppress
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from pipeline.run.failures import interrupt_spark_jobs
+from pipeline.run.failures import interrupt_spark_jobs, worker_errors
 from pipeline.run.plan import Wave, plan_waves
 from pipeline.run.state import ChunkTotals, Run
-from pipeline.schema import CHUNK_DDL, VECTOR_COLUMNS
+from pipeline.schema import ACCOUNT_COLUMNS, CHUNK_DDL, VECTOR_COLUMNS
 from pipeline.spark.udf import WorkerSpec, chunk_and_embed, load_model_in_worker, worker_spec
 from pipeline.store.delta import (
     append_documents,
@@ -29,6 +29,7 @@ from pipeline.store.delta import (
     with_commit_retries,
     write_vectors,
 )
+from pipeline.store.runs import write_rejects
 
 log = logging.getLogger("pipeline.embed")
 
@@ -106,9 +107,11 @@ def write_in_one_commit(run: Run, docs: DataFrame, properties: dict[str, str]
     mode = run.settings.output.mode
     stored = run.table.properties(run.spark)
     relabel = relabels(stored, properties)
-    with released(_materialized(observed_chunks(run, docs))) as chunks:
+    with worker_errors():
+        materialized = _materialized(observed_chunks(run, docs))
+    with released(materialized) as chunks:
         totals = _observed_totals(chunks)
-        vectors = chunks.select(*VECTOR_COLUMNS)
+        vectors = quarantine_refused(run, chunks, totals).select(*VECTOR_COLUMNS)
         if mode == "overwrite" and relabel:
             version = replace_vectors(run.spark, run.table, vectors, properties, stored)
         else:
@@ -128,14 +131,21 @@ def embed_in_waves(run: Run, planned: DataFrame) -> None:
     merges = [wave for wave in waves if wave.kind == "merge"]
     own_tags: set[str] = set()
     with closing(embedded_waves(run, waves)) as embedded:
-        for wave, chunks, totals, embed_seconds in embedded:
+        for wave, embedded_chunks, totals, embed_seconds in embedded:
             committing = run.elapsed
             tag = f"{run.run_id}:{wave.tag}"
-            if wave.kind == "append" and run.blind_appends and not foreign_commits_since(
+            chunks = quarantine_refused(run, embedded_chunks, totals)
+            if wave.kind == "append" and not totals.chunks:
+                log.info("run %s: wave %d/%d has nothing to commit (every document refused)",
+                         run.run_id, wave.number, wave.of)
+            elif wave.kind == "append" and run.blind_appends and not foreign_commits_since(
                     run.spark, run.table, run.planned_at, own_tags):
                 _append_wave(run, chunks, tag, own_tags)
             else:
                 ids = wave.docs.select("doc_id")
+                if totals.refused:  # a refused document keeps its stored chunks
+                    ids = ids.join(embedded_chunks.where(F.col("refusal").isNotNull())
+                                   .select("doc_id"), "doc_id", "left_anti")
                 if deleted is not None and merges and wave is merges[-1]:
                     ids = ids.unionByName(deleted)
                 with_commit_retries(
@@ -158,7 +168,7 @@ def embedded_waves(run: Run, waves: list[Wave]
     (its Spark jobs carry a tag of their own) and released."""
     def embed(wave: Wave) -> tuple[DataFrame, ChunkTotals, float]:
         started = time.perf_counter()
-        with _tagged(run, "embed"):
+        with _tagged(run, "embed"), worker_errors():
             chunks = _materialized(observed_chunks(run, wave.docs))
             return chunks, _observed_totals(chunks), time.perf_counter() - started
 
@@ -222,28 +232,44 @@ def _append_wave(run: Run, chunks: DataFrame, tag: str, own_tags: set[str]) -> N
         f"{tag}: overlap check", retries)
 
 
+def quarantine_refused(run: Run, chunks: DataFrame, totals: ChunkTotals) -> DataFrame:
+    """The chunks to commit: documents an endpoint refused go to `<output>_rejects` with the
+    server's message instead (a later run tries them again)."""
+    if not totals.refused:
+        return chunks
+    refused = (chunks.where(F.col("refusal").isNotNull())
+               .select("doc_id", F.col("refusal").alias("reject_reason"),
+                       F.lit(None).cast("string").alias("raw_record"),
+                       F.col("chunk_text").alias("text"),
+                       F.lit(None).cast("string").alias("source_file")))
+    write_rejects(run.spark, run.table, refused, run.run_id, totals.refused)
+    return chunks.where(F.col("refusal").isNull())
+
+
 def observed_chunks(run: Run, docs: DataFrame) -> DataFrame:
-    """Chunk rows with provenance columns, plus `padded_tokens` for the padding account."""
+    """Chunk rows with provenance columns, plus the account columns (padding, an endpoint's
+    refusals and retries)."""
     chunks = embed_documents(docs, worker_spec(run.settings, run.spec), run.partitions)
     return (chunks.withColumn("model_id", F.lit(run.spec.model_id))
             .withColumn("model_fingerprint", F.lit(run.spec.fingerprint))
             .withColumn("embedded_at", F.current_timestamp())
             .withColumn("run_id", F.lit(run.run_id))
-            .select(*VECTOR_COLUMNS, "padded_tokens"))
+            .select(*VECTOR_COLUMNS, *ACCOUNT_COLUMNS))
 
 
 def _total_columns() -> list[Column]:
     return [
         F.sum(F.when(F.col("chunk_index") == 0, 1).otherwise(0)).alias("documents"),
-        F.count(F.lit(1)).alias("chunks"),
+        F.sum(F.when(F.col("refusal").isNull(), 1).otherwise(0)).alias("chunks"),
         F.sum("token_count").alias("tokens"),
         F.sum("padded_tokens").alias("padded"),
+        F.sum(F.when(F.col("refusal").isNotNull(), 1).otherwise(0)).alias("refused"),
+        F.sum("retries").alias("retries"),
     ]
 
 
 def _totals(row) -> ChunkTotals:
-    return ChunkTotals(*(int(row[name] or 0) for name in ("documents", "chunks", "tokens",
-                                                          "padded")))
+    return ChunkTotals(*(int(row[name] or 0) for name in ChunkTotals.NAMES))
 
 
 def _materialized(chunks: DataFrame) -> DataFrame:

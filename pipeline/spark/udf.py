@@ -88,21 +88,62 @@ def document_slices(batches: Iterable[pa.RecordBatch], slice_bytes: int = SLICE_
 
 
 def chunk_rows(spec: WorkerSpec, embedded: EmbeddedSlice[pa.RecordBatch]) -> pa.RecordBatch:
-    """One embedded slice of documents (doc_id, text, content_hash) -> one row per chunk."""
-    owners = pa.array(embedded.owners, pa.int32())
-    chunks = embedded.chunks
+    """One embedded slice of documents (doc_id, text, content_hash) -> one row per chunk. A
+    document an endpoint refused any chunk of is one row instead: chunk_index -1, the start of
+    its text, the server's message in `refusal`, no vector (the run quarantines it)."""
+    refused = _refused_documents(embedded)
+    keep = [i for i, owner in enumerate(embedded.owners) if owner not in refused]
+    owners = pa.array([embedded.owners[i] for i in keep], pa.int32())
+    chunks = [embedded.chunks[i] for i in keep]
     columns = [
         embedded.payload.column("doc_id").take(owners),
         pa.array([chunk.index for chunk in chunks], pa.int32()),
         pa.array([chunk.text if spec.store_text else None for chunk in chunks], pa.string()),
         pa.array([chunk.char_start for chunk in chunks], pa.int32()),
         pa.array([chunk.char_end for chunk in chunks], pa.int32()),
-        pa.array(embedded.token_counts),
-        pa.array(embedded.padded),
-        *stored_vectors(embedded.vectors, spec.vector_format),
+        pa.array(embedded.token_counts[keep]),
+        pa.array(embedded.padded[keep]),
+        *stored_vectors(embedded.vectors[keep], spec.vector_format),
         embedded.payload.column("content_hash").take(owners),
+        pa.nulls(len(keep), pa.string()),
+        pa.array(np.zeros(len(keep), np.int32)),
     ]
-    return pa.RecordBatch.from_arrays(columns, schema=CHUNK_SCHEMA)
+    rows = pa.RecordBatch.from_arrays(columns, schema=CHUNK_SCHEMA)
+    if refused:
+        rows = pa.Table.from_batches([rows, _refusal_rows(embedded, refused)]
+                                     ).combine_chunks().to_batches()[0]
+    if embedded.retries and rows.num_rows:
+        retries = np.zeros(rows.num_rows, np.int32)
+        retries[0] = embedded.retries
+        rows = rows.set_column(CHUNK_SCHEMA.get_field_index("retries"), "retries",
+                               pa.array(retries))
+    return rows
+
+
+def _refused_documents(embedded: EmbeddedSlice) -> dict[int, str]:
+    """Each refused document (index in the slice) and its first refused chunk's message."""
+    refused: dict[int, str] = {}
+    for owner, refusal in zip(embedded.owners, embedded.refusals or [], strict=False):
+        if refusal is not None:
+            refused.setdefault(owner, refusal)
+    return refused
+
+
+def _refusal_rows(embedded: EmbeddedSlice, refused: dict[int, str]) -> pa.RecordBatch:
+    docs = pa.array(sorted(refused), pa.int32())
+    count = len(docs)
+    texts = pc.utf8_slice_codeunits(embedded.payload.column("text").take(docs), 0, 1000)
+    values = {
+        "doc_id": embedded.payload.column("doc_id").take(docs),
+        "chunk_index": pa.array(np.full(count, -1, np.int32)),
+        "chunk_text": texts,
+        "content_hash": embedded.payload.column("content_hash").take(docs),
+        "refusal": pa.array([refused[doc] for doc in sorted(refused)], pa.string()),
+        "retries": pa.array(np.zeros(count, np.int32)),
+    }
+    return pa.RecordBatch.from_arrays(
+        [values.get(field.name, pa.nulls(count, field.type)) for field in CHUNK_SCHEMA],
+        schema=CHUNK_SCHEMA)
 
 
 def chunk_and_embed(spec: WorkerSpec) -> Callable[[Iterator[pa.RecordBatch]],

@@ -20,6 +20,7 @@ from pyspark.sql import functions as F
 
 from pipeline.errors import PipelineError
 from pipeline.schema import VECTOR_COLUMNS
+from pipeline.vectors import probe_agreement
 
 log = logging.getLogger("pipeline.store")
 T = TypeVar("T")
@@ -208,7 +209,11 @@ def with_commit_retries(action: Callable[[], T], what: str, retries: int) -> T:
 
 
 GUARDED_PROPERTIES = ("pipeline.model_fingerprint", "pipeline.dimension",
-                      "pipeline.vector_format", "pipeline.max_length", "pipeline.chunking")
+                      "pipeline.vector_format", "pipeline.max_length", "pipeline.chunking",
+                      "pipeline.endpoint_revision", "pipeline.probe_vectors")
+# An endpoint's probe vectors are compared by cosine: a server's batching moves them a little.
+PROBE_PROPERTY = "pipeline.probe_vectors"
+PROBE_AGREEMENT = 0.99
 
 
 # An overwrite with another model carries over the user's own table properties and these Delta
@@ -222,7 +227,8 @@ DELTA_PREFERENCES = (
 )
 
 # What a query must share with the table's vectors to be compared with them.
-VECTOR_PROPERTIES = ("pipeline.model_fingerprint", "pipeline.dimension", "pipeline.vector_format")
+VECTOR_PROPERTIES = ("pipeline.model_fingerprint", "pipeline.dimension", "pipeline.vector_format",
+                     "pipeline.endpoint_revision", PROBE_PROPERTY)
 
 
 def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, str],
@@ -237,7 +243,15 @@ def check_same_model(table: TableRef, stored: dict[str, str], wanted: dict[str, 
             "--mode overwrite"
         )
     differences = [f"{key}={stored[key]} (this run: {wanted[key]})" for key in keys
-                   if key in stored and key in wanted and stored[key] != wanted[key]]
+                   if key in stored and key in wanted and key != PROBE_PROPERTY
+                   and stored[key] != wanted[key]]
+    if PROBE_PROPERTY in keys and PROBE_PROPERTY in stored and PROBE_PROPERTY in wanted:
+        agreement = probe_agreement(stored[PROBE_PROPERTY], wanted[PROBE_PROPERTY])
+        if agreement < PROBE_AGREEMENT:
+            differences.append(
+                f"other vectors for the probe texts (cosine {agreement:.3f} with the table's, "
+                f"below {PROBE_AGREEMENT}): the endpoint serves another model or revision "
+                f"under the name {wanted.get('pipeline.endpoint_model')}")
     if differences:
         raise ModelMismatchError(
             f"{table.location} holds vectors of model {stored.get('pipeline.model_id')} made "
