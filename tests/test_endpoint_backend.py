@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs import embed_corpus, score_similarity, search
+from jobs import embed_corpus, evaluate_retrieval, score_similarity, search
 from pipeline.endpoint.http import (
     EndpointAuthError,
     EndpointFailing,
@@ -356,3 +356,42 @@ def test_another_model_behind_the_same_name_is_refused_by_its_probe_vectors(
     other = InfinityServer(api_key=KEY, model_path=random_minilm(tmp_path / "other"))
     with other, pytest.raises(ModelMismatchError, match="other vectors for the probe texts"):
         embed(spark, source, output, *endpoint(other.url, key_file))
+
+
+def test_a_query_or_pair_the_server_refuses_fails_the_job_with_one_line(
+        endpoint_table, infinity, key_file, tmp_path, capsys):
+    """Queries embedded on the driver, and pairs scored in Spark workers, whose error reaches
+    the driver inside Spark's: either way exit code 2 and the server's message."""
+    output, _ = endpoint_table
+    with FaultProxy(infinity.url) as proxy:
+        proxy.refuse("ZZREFUSEDZZ", status=400, message="the query is not allowed")
+        flags = [part for item in endpoint(proxy.url, key_file) for part in ("--set", item)]
+        assert search.main(["--vectors", str(output), "--query", "ZZREFUSEDZZ glaciers",
+                            *flags]) == 2
+        assert "the query is not allowed" in capsys.readouterr().err.strip().splitlines()[-1]
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"a": "ZZREFUSEDZZ", "b": "fine"}])
+        assert score_similarity.main(["--input", str(pairs), "--text-a-col", "a",
+                                      "--text-b-col", "b", *flags]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: endpoint") and "the query is not allowed" in last
+
+
+def test_retrieval_evaluation_through_the_endpoint_equals_the_local_models(
+        docs, infinity, key_file, tmp_path, capsys):
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    write_jsonl(folder / "corpus.jsonl", docs)
+    asked = docs[:12]
+    write_jsonl(folder / "queries.jsonl", [{"_id": f"q{i}", "text": d["text"].split(". ")[0]}
+                                           for i, d in enumerate(asked)])
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\t{d['_id']}\t1\n" for i, d in enumerate(asked)))
+    flags = [part for item in endpoint(infinity.url, key_file) for part in ("--set", item)]
+    metrics = []
+    for name, extra in (("local", []), ("endpoint", flags)):
+        assert evaluate_retrieval.main(["--dataset", str(folder), "--vectors",
+                                        str(tmp_path / name), *extra]) == 0
+        metrics.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    for key in ("ndcg@10", "recall@100", "mrr@10", "map@100"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], abs=1e-4)
+    assert metrics[1]["report"]["documents_embedded"] == len(docs)

@@ -24,6 +24,7 @@ from pipeline.model.tokens import ChunkTokenizer, EncodedChunk
 from pipeline.text import chunk_text, text_word_starts
 
 P = TypeVar("P")
+CHARS_PER_TOKEN = 4  # a token estimate without the tokenizer, for tokens_per_minute
 
 
 @dataclass
@@ -147,6 +148,8 @@ class EndpointEncoder:
                      refusals: list[str | None]) -> None:
         texts = [prepared.inputs[i] for i in group]
         units = sum(prepared.units[i] for i in group)
+        if self.tokens is None:
+            units = -(-units // CHARS_PER_TOKEN)  # the tokens-per-minute limit counts tokens
         try:
             vectors[group] = self._checked(self.client.embed(texts, units))
         except InputRefused as refused:

@@ -3,18 +3,12 @@ wrote."""
 
 from __future__ import annotations
 
-import importlib
 import logging
-import re
-import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipeline.errors import PipelineError
 from pipeline.run.state import ChunkTotals, Run
 from pipeline.run.summary import run_record
 from pipeline.store.runs import append_run
@@ -61,33 +55,3 @@ def _count_committed(run: Run) -> None:
     if row["chunks"]:
         run.written = ChunkTotals(row["documents"], row["chunks"], int(row["tokens"]))
         run.version = run.table.version(run.spark)
-
-
-# The last line of a worker's traceback that names one of the pipeline's errors.
-_WORKER_ERROR = re.compile(r"^(pipeline(?:\.\w+)+)\.(\w+): (.+)$", re.MULTILINE)
-
-
-@contextmanager
-def worker_errors() -> Iterator[None]:
-    """A PipelineError raised in a Python worker (an endpoint that keeps failing, a model folder
-    that differs on an executor) reaches the driver inside Spark's error, as text: raise it
-    again here as itself, so the job prints its one line."""
-    try:
-        yield
-    except PipelineError:
-        raise
-    except Exception as error:
-        found = _WORKER_ERROR.findall(str(error))
-        for module_name, class_name, message in reversed(found):
-            module = sys.modules.get(module_name) or _import(module_name)
-            kind = getattr(module, class_name, None) if module else None
-            if isinstance(kind, type) and issubclass(kind, PipelineError):
-                raise kind(message.strip()) from error
-        raise
-
-
-def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None

@@ -13,7 +13,8 @@ from contextlib import closing, contextmanager, suppress
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from pipeline.run.failures import interrupt_spark_jobs, worker_errors
+from pipeline.errors import worker_errors
+from pipeline.run.failures import interrupt_spark_jobs
 from pipeline.run.plan import Wave, plan_waves
 from pipeline.run.state import ChunkTotals, Run
 from pipeline.schema import ACCOUNT_COLUMNS, CHUNK_DDL, VECTOR_COLUMNS
