@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -57,6 +59,11 @@ PARTIAL_DDL = "query_id string, doc_id string, chunk_index int, score float, chu
 RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
 # Queries a local driver embeds itself (embed_queries); more go to the executors.
 DRIVER_QUERIES = 1000
+# A table whose files hold at most this much a local driver scores itself, in one pass over its
+# rows fetched as Arrow (no Python workers to start, no shuffle); larger ones are scored where
+# they lie. Its rows take about DECODED_PER_STORED x the files' bytes in memory.
+DRIVER_TABLE_BYTES = 32 << 20
+DECODED_PER_STORED = 3
 # The driver's encoder (pipeline.model.load keeps one model per process): held while it loads.
 _DRIVER_ENCODER = threading.Lock()
 
@@ -80,11 +87,14 @@ class Queries:
 
 def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: int, *,
                  by_document: bool = False, metric: Metric = "cosine",
-                 vector_format: VectorFormat = "float32", with_text: bool = False) -> DataFrame:
+                 vector_format: VectorFormat = "float32", with_text: bool = False,
+                 on_driver: bool = False) -> DataFrame:
     """Top k (query_id, rank, doc_id, chunk_index, score) per query over a vectors frame
     (doc_id, chunk_index and the columns of its vector format). Cosine normalises both sides;
     dot takes them as they are. Binary vectors score as -1/+1 against the float queries.
-    `with_text` adds the hits' `chunk_text`, carried through the scoring from the same scan."""
+    `with_text` adds the hits' `chunk_text`, carried through the scoring from the same scan.
+    `on_driver` scores the rows in this process (a small table: see DRIVER_TABLE_BYTES), with
+    the same function and order as the executors."""
     if metric not in METRICS:
         raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
     if k < 1:
@@ -94,10 +104,12 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
     if normalize:
         matrix = unit_rows(matrix)
     texts = ("chunk_text",) if with_text else ()
-    partials = (vectors.select("doc_id", "chunk_index", *STORED_COLUMNS[vector_format], *texts)
-                .mapInArrow(score_batches(matrix, queries.ids, k, by_document, normalize,
-                                          vector_format, text_col="chunk_text" if with_text
-                                          else None), PARTIAL_DDL))
+    columns = vectors.select("doc_id", "chunk_index", *STORED_COLUMNS[vector_format], *texts)
+    score = score_batches(matrix, queries.ids, k, by_document, normalize, vector_format,
+                          text_col="chunk_text" if with_text else None)
+    if on_driver:
+        return _ranked_here(spark, columns, score, texts)
+    partials = columns.mapInArrow(score, PARTIAL_DDL)
     if by_document:
         partials = (partials.groupBy("query_id", "doc_id")
                     .agg(F.max_by(F.struct("chunk_index", "chunk_text"), "score").alias("best"),
@@ -107,6 +119,37 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
                                                       F.asc("chunk_index"))
     return (partials.withColumn("rank", F.row_number().over(order))
             .where(F.col("rank") <= k).select(*RESULT_COLUMNS, *texts))
+
+
+def _ranked_here(spark: SparkSession, columns: DataFrame, score, texts: tuple[str, ...]
+                 ) -> DataFrame:
+    """The whole table through the scoring function in this process: its one partial result is
+    each query's top k, best first (exact, as a single partition's is)."""
+    partial = pa.Table.from_batches(list(score(iter(columns.toArrow().to_batches()))))
+    frame = partial.to_pandas()
+    frame.insert(1, "rank", frame.groupby("query_id", sort=False).cumcount() + 1)
+    schema = "query_id string, rank int, doc_id string, chunk_index int, score float" + (
+        ", chunk_text string" if texts else "")
+    return spark.createDataFrame(frame[[*RESULT_COLUMNS, *texts]], schema)
+
+
+def scores_on_driver(spark: SparkSession, location: str) -> bool:
+    """Whether a search scores the table in the driver: a local master, and a table small
+    enough for DRIVER_TABLE_BYTES and for what the driver may receive."""
+    if not local_master(spark):
+        return False
+    limit = DRIVER_TABLE_BYTES
+    with suppress(Exception):
+        limit = min(limit, _bytes(spark.conf.get("spark.driver.maxResultSize", "1g")) // 2)
+    return TableRef.parse(location).size_bytes(spark) * DECODED_PER_STORED <= limit
+
+
+def _bytes(size: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    size = size.strip().lower().removesuffix("b")
+    if size and size[-1] in units:
+        return int(float(size[:-1]) * units[size[-1]])
+    return int(size) if size.isdigit() and int(size) > 0 else 1 << 62
 
 
 # --- queries -------------------------------------------------------------------------------
@@ -293,7 +336,8 @@ def search_table(spark: SparkSession, settings: Settings, vectors: str, queries:
         if loading is not None:
             loading.join()  # on an error too: no thread left loading while the job exits
     return exact_search(spark, frame, embedded, k, by_document=by_document, metric=metric,
-                        vector_format=vector_format(properties), with_text=with_text), spec
+                        vector_format=vector_format(properties), with_text=with_text,
+                        on_driver=on_driver and scores_on_driver(spark, vectors)), spec
 
 
 def result_counts(results: DataFrame) -> tuple[int, int]:

@@ -224,12 +224,22 @@ def test_to_dict_round_trips_through_a_yaml_profile(tmp_path: Path) -> None:
     assert load_settings(str(profile)) == settings
 
 
+def completing_flags(raw: dict) -> dict[str, str]:
+    """What the command line must add to a shipped profile: input and output where it leaves
+    them empty, and the URL of an endpoint profile."""
+    flags = {"input.path": "in", "output.path": "out"} if not raw["input"]["path"] else {}
+    model = raw["model"]
+    if model.get("backend", "local") != "local" and not model["endpoint"]["url"]:
+        flags["model.endpoint.url"] = "http://embedding-server:8080"
+    return flags
+
+
 @pytest.mark.parametrize("profile", sorted(CONF_DIR.glob("*.yaml")), ids=lambda path: path.stem)
 def test_every_shipped_profile_loads_and_validates(profile: Path) -> None:
-    """Cluster profiles leave input and output to the command line; the flags complete them."""
-    paths = {"input.path": "in", "output.path": "out"}
+    """Cluster profiles leave input and output (and an endpoint profile its URL) to the command
+    line; the flags complete them."""
     raw = yaml.safe_load(profile.read_text())
-    flags = paths if not raw["input"]["path"] else {}
+    flags = completing_flags(raw)
     by_name = load_settings(profile.stem, flags=flags)
     assert by_name == load_settings(str(profile), flags=flags)
     assert by_name.model.name
@@ -260,7 +270,9 @@ def test_set_reaches_one_entry_of_a_map_setting_whose_keys_have_dots() -> None:
 def test_a_runs_recorded_config_reads_back_through_the_same_typed_loader(profile: Path) -> None:
     """`<table>_runs` keeps `Settings.to_dict()` as JSON: it reads back to equal settings, and a
     value of the wrong type is refused naming its key, as in a profile."""
-    settings = load_settings(profile.stem, flags={"input.path": "in", "output.path": "out"})
+    settings = load_settings(profile.stem, flags={"input.path": "in", "output.path": "out",
+                                                  **completing_flags(yaml.safe_load(
+                                                      profile.read_text()))})
     recorded = json.dumps(settings.to_dict(), sort_keys=True)
     assert recorded_settings(recorded) == settings
     raw = settings.to_dict()

@@ -208,3 +208,32 @@ def test_a_few_queries_are_embedded_on_a_local_driver_more_on_the_executors(
 def test_a_missing_table_is_named(spark, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no Delta table at {tmp_path / 'nothing'}"):
         read_vectors(spark, str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("by_document", [False, True], ids=["chunks", "documents"])
+def test_a_small_table_scored_on_the_driver_equals_numpy_brute_force(spark, tmp_path,
+                                                                      by_document):
+    matrix = random_units(4, 3_000, 48)
+    write_vectors(spark, tmp_path / "v", matrix, files=4)
+    frame = spark.read.format("delta").load(str(tmp_path / "v"))
+    queries = random_units(5, 12, 48)
+    results = exact_search(spark, frame, Queries([f"q{i}" for i in range(12)], queries), k=8,
+                           by_document=by_document, on_driver=True)
+    got = ranked(results)
+    for i, want in enumerate(brute_force(matrix, queries, 8, by_document)):
+        hits = got[f"q{i}"]
+        assert [(d, c) for d, c, _ in hits] == [(d, c) for d, c, _ in want]
+        np.testing.assert_allclose([s for *_, s in hits], [s for *_, s in want], atol=1e-5)
+
+
+def test_only_a_table_the_driver_may_receive_is_scored_there(spark, corpus, tmp_path,
+                                                             monkeypatch):
+    """The 30,000-vector corpus is over the session's maxResultSize: scored on the executors;
+    a small table on the local driver, unless DRIVER_TABLE_BYTES says it is too large."""
+    write_vectors(spark, tmp_path / "small", random_units(6, 300, 48), files=1)
+    big = tmp_path / "big"
+    write_vectors(spark, big, corpus[1], files=4)
+    assert search.scores_on_driver(spark, str(tmp_path / "small"))
+    assert not search.scores_on_driver(spark, str(big))
+    monkeypatch.setattr(search, "DRIVER_TABLE_BYTES", 1000)
+    assert not search.scores_on_driver(spark, str(tmp_path / "small"))

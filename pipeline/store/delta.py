@@ -104,6 +104,11 @@ class TableRef:
                           dict(row["operationMetrics"] or {})) for row in rows]
         return sorted((c for c in commits if c.version > after), key=lambda c: c.version)
 
+    def size_bytes(self, spark: SparkSession) -> int:
+        """The bytes of the table's current files (Delta's metadata: nothing is scanned)."""
+        row = spark.sql(f"DESCRIBE DETAIL {self.sql_name}").select("sizeInBytes").first()
+        return int(row[0] or 0) if row is not None else 0
+
     def properties(self, spark: SparkSession) -> dict[str, str]:
         rows = spark.sql(f"SHOW TBLPROPERTIES {self.sql_name}").collect()
         return {row["key"]: row["value"] for row in rows}
