@@ -155,16 +155,19 @@ def test_similarity_through_the_endpoint_equals_the_local_scores(infinity, key_f
     assert np.allclose(got, np.einsum("ij,ij->i", a, b), atol=1e-4)
 
 
-def test_tei_api_gives_the_same_vectors_and_another_revision_is_refused(
+def test_tei_api_gives_the_same_vectors_within_its_batch_limit_and_another_revision_is_refused(
         spark, infinity, key_file, source, local_table, tmp_path):
     with FaultProxy(infinity.url, upstream_model=SERVED) as proxy:
-        proxy.tei_info(model_id="sentence-transformers/all-MiniLM-L6-v2", model_sha="rev-a")
+        proxy.tei_info(model_id="sentence-transformers/all-MiniLM-L6-v2", model_sha="rev-a",
+                       max_client_batch_size=4)
         tei = ["model.backend=tei", "model.name=sentence-transformers/all-MiniLM-L6-v2"]
         settings = [*endpoint(proxy.url, key_file), *tei]
         output = tmp_path / "vectors"
         summary = embed(spark, source, output, *settings)
         assert summary.documents_embedded > 0
         assert all(r.path in ("/info", "/embed") for r in proxy.stats.requests)
+        sizes = [len(r.inputs) for r in proxy.stats.requests if r.path == "/embed"]
+        assert max(sizes) == 4, "TEI's max_client_batch_size caps max_request_inputs (32)"
         assert_same_vectors(output, local_table)
         assert TableRef.parse(str(output)).properties(spark)[
             "pipeline.endpoint_revision"] == "rev-a"

@@ -5,6 +5,7 @@ the same name is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -71,10 +72,12 @@ def endpoint_model_spec(settings: ModelSettings) -> ModelSpec:
     spec = endpoint_spec(settings, tokenized=folder is not None)
     client = EndpointClient(spec)
     try:
-        revision = served_revision(client, settings.name)
+        revision, batch_limit = served_revision(client, settings.name)
         vectors = probe_vectors(client, settings.name)
     finally:
         client.close()
+    if batch_limit and batch_limit < spec.max_request_inputs:  # TEI's max_client_batch_size
+        spec = dataclasses.replace(spec, max_request_inputs=batch_limit)
     dimension = vectors.shape[1]
     if settings.output_dim is not None and dimension != settings.output_dim:
         raise EndpointModelError(
@@ -120,28 +123,30 @@ def endpoint_model_spec(settings: ModelSettings) -> ModelSpec:
     )
 
 
-def served_revision(client: EndpointClient, model: str) -> str:
-    """TEI: the model and revision its `/info` reports, which must be the model asked for.
-    OpenAI API: the model must be in `/models` where the server lists them; no revision."""
+def served_revision(client: EndpointClient, model: str) -> tuple[str, int | None]:
+    """TEI: the model and revision its `/info` reports, which must be the model asked for, and
+    the most inputs it takes in one request. OpenAI API: the model must be in `/models` where
+    the server lists them; no revision."""
     spec = client.spec
     if spec.api == "tei":
         info = _get(client, "/info")
         if not isinstance(info, dict):
-            return ""
+            return "", None
         served = str(info.get("model_id") or "")
         if served and served != model:
             raise EndpointModelError(
                 f"endpoint {spec.url} serves model {served!r} (revision "
                 f"{info.get('model_sha') or 'unknown'}), not {model!r}; set model.name to the "
                 "model it serves, or point model.endpoint.url at the right server")
-        return str(info.get("model_sha") or "")
+        limit = info.get("max_client_batch_size")
+        return str(info.get("model_sha") or ""), limit if isinstance(limit, int) else None
     listing = _get(client, spec.embed_path.rsplit("/embeddings", 1)[0] + "/models")
     if isinstance(listing, dict) and isinstance(listing.get("data"), list):
         served = [str(item.get("id")) for item in listing["data"] if isinstance(item, dict)]
         if served and model not in served:
             raise EndpointModelError(f"endpoint {spec.url} does not serve model {model!r}; it "
                                      f"serves {served}")
-    return ""
+    return "", None
 
 
 def probe_vectors(client: EndpointClient, model: str) -> np.ndarray:

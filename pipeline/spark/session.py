@@ -27,10 +27,16 @@ DELTA_SQL_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
-LOCAL_CONF = {
-    "spark.ui.showConsoleProgress": "true",
+# Session settings for a local master, also under spark-submit (where the user's own win):
+# Spark's 200 shuffle partitions and Delta's 50 for a snapshot are tasks a laptop runs for
+# nothing (a Delta snapshot of a small table takes seconds more).
+LOCAL_SQL_CONF = {
     "spark.sql.shuffle.partitions": "8",
     "spark.databricks.delta.snapshotPartitions": "2",
+}
+LOCAL_CONF = {
+    "spark.ui.showConsoleProgress": "true",
+    **LOCAL_SQL_CONF,
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.driver.memory": "4g",
     "spark.python.worker.reuse": "true",
@@ -102,7 +108,19 @@ def get_spark(settings: SparkSettings) -> SparkSession:
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     _quiet_spark_logs(spark)
+    if in_spark_submit():
+        _local_sql_defaults(spark)
     return spark
+
+
+def _local_sql_defaults(spark: SparkSession) -> None:
+    """LOCAL_SQL_CONF for a spark-submit session on a local master, except what the user set."""
+    given = spark.sparkContext.getConf()
+    if not given.get("spark.master", "").startswith("local"):
+        return
+    for key, value in LOCAL_SQL_CONF.items():
+        if not given.contains(key):
+            spark.conf.set(key, value)
 
 
 def connect_session(remote: str, settings: SparkSettings) -> SparkSession:
