@@ -128,7 +128,8 @@ class EndpointSettings:
     max_retries: int = 6  # per request, on 429, 5xx, resets and timeouts
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
-    # This many failed attempts in a row (across requests) stop the run with one error.
+    # This many failed attempts in a row per request in flight (x concurrency, no success
+    # between) stop the run with one error; so does a request out of retries.
     max_consecutive_failures: int = 12
 
 

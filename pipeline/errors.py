@@ -2,7 +2,9 @@
 a missing extra), each message naming the problem and the fix. The jobs print them as one line
 and exit with code 2 (pipeline.cli); any other exception is a bug and keeps its traceback.
 
-The bottom layer: it imports nothing from the package, so every module can raise its members."""
+The bottom layer: it imports nothing from the package, so every module can raise its members
+(worker_errors finds an error's class by the module name in a worker's traceback, at run
+time)."""
 
 from __future__ import annotations
 

@@ -61,9 +61,11 @@ RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
 DRIVER_QUERIES = 1000
 # A table whose files hold at most this much a local driver scores itself, in one pass over its
 # rows fetched as Arrow (no Python workers to start, no shuffle); larger ones are scored where
-# they lie. Its rows take about DECODED_PER_STORED x the files' bytes in memory.
+# they lie. Its rows take about DECODED_PER_STORED[format] x the files' bytes in memory, as
+# float32 matrices (a compact format decodes to 4 bytes a dimension).
 DRIVER_TABLE_BYTES = 32 << 20
-DECODED_PER_STORED = 3
+DECODED_PER_STORED = {"float32": 3, "float16": 6, "int8": 12, "binary": 96}
+DRIVER_BLOCK_ROWS = 10_000  # rows decoded and scored at once on the driver
 # The driver's encoder (pipeline.model.load keeps one model per process): held while it loads.
 _DRIVER_ENCODER = threading.Lock()
 
@@ -125,7 +127,8 @@ def _ranked_here(spark: SparkSession, columns: DataFrame, score, texts: tuple[st
                  ) -> DataFrame:
     """The whole table through the scoring function in this process: its one partial result is
     each query's top k, best first (exact, as a single partition's is)."""
-    partial = pa.Table.from_batches(list(score(iter(columns.toArrow().to_batches()))))
+    rows = columns.toArrow().to_batches(max_chunksize=DRIVER_BLOCK_ROWS)
+    partial = pa.Table.from_batches(list(score(iter(rows))))
     frame = partial.to_pandas()
     frame.insert(1, "rank", frame.groupby("query_id", sort=False).cumcount() + 1)
     schema = "query_id string, rank int, doc_id string, chunk_index int, score float" + (
@@ -133,7 +136,7 @@ def _ranked_here(spark: SparkSession, columns: DataFrame, score, texts: tuple[st
     return spark.createDataFrame(frame[[*RESULT_COLUMNS, *texts]], schema)
 
 
-def scores_on_driver(spark: SparkSession, location: str) -> bool:
+def scores_on_driver(spark: SparkSession, location: str, fmt: VectorFormat = "float32") -> bool:
     """Whether a search scores the table in the driver: a local master, and a table small
     enough for DRIVER_TABLE_BYTES and for what the driver may receive."""
     if not local_master(spark):
@@ -141,7 +144,7 @@ def scores_on_driver(spark: SparkSession, location: str) -> bool:
     limit = DRIVER_TABLE_BYTES
     with suppress(Exception):
         limit = min(limit, _bytes(spark.conf.get("spark.driver.maxResultSize", "1g")) // 2)
-    return TableRef.parse(location).size_bytes(spark) * DECODED_PER_STORED <= limit
+    return TableRef.parse(location).size_bytes(spark) * DECODED_PER_STORED[fmt] <= limit
 
 
 def _bytes(size: str) -> int:
@@ -337,7 +340,8 @@ def search_table(spark: SparkSession, settings: Settings, vectors: str, queries:
             loading.join()  # on an error too: no thread left loading while the job exits
     return exact_search(spark, frame, embedded, k, by_document=by_document, metric=metric,
                         vector_format=vector_format(properties), with_text=with_text,
-                        on_driver=on_driver and scores_on_driver(spark, vectors)), spec
+                        on_driver=on_driver and scores_on_driver(
+                            spark, vectors, vector_format(properties))), spec
 
 
 def result_counts(results: DataFrame) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import pytest
 
 from jobs import embed_corpus, evaluate_retrieval, score_similarity, search
 from pipeline.endpoint.http import (
+    EndpointAnswered,
     EndpointAuthError,
     EndpointFailing,
     EndpointModelError,
@@ -249,7 +250,8 @@ def test_a_run_of_failures_stops_the_run_with_one_error_and_the_rerun_resumes(
     with FaultProxy(infinity.url) as proxy:
         settings = endpoint(proxy.url, key_file, "output.wave_docs=20", "spark.partitions=1",
                             "model.endpoint.max_request_inputs=30",
-                            "model.endpoint.max_consecutive_failures=3", *FAST_RETRIES)
+                            "model.endpoint.max_consecutive_failures=3",
+                            "model.endpoint.concurrency=1", *FAST_RETRIES)
         proxy.inject(Fault.passthrough(), times=1 + 1)
         proxy.inject(Fault.status(503), times=200)
         with pytest.raises(EndpointFailing, match=r"failed \d attempts in a row.*run the same "
@@ -398,3 +400,42 @@ def test_retrieval_evaluation_through_the_endpoint_equals_the_local_models(
     for key in ("ndcg@10", "recall@100", "mrr@10", "map@100"):
         assert metrics[1][key] == pytest.approx(metrics[0][key], abs=1e-4)
     assert metrics[1]["report"]["documents_embedded"] == len(docs)
+
+
+def test_matryoshka_dimensions_are_asked_of_the_server_and_equal_the_local_cut(
+        spark, infinity, key_file, source, tmp_path):
+    """model.output_dim is sent as `dimensions`; the server's cut vectors, normalised again on
+    our side, equal the local model's cut-and-normalised ones."""
+    local = tmp_path / "local"
+    embed(spark, source, local, "model.output_dim=128", "spark.partitions=2")
+    served = tmp_path / "served"
+    with FaultProxy(infinity.url) as proxy:
+        embed(spark, source, served, *endpoint(proxy.url, key_file, "model.output_dim=128"))
+        bodies = [r for r in proxy.stats.requests if r.path.endswith("/embeddings")]
+    assert bodies and TableRef.parse(str(served)).properties(spark)["pipeline.dimension"] == "128"
+    assert_same_vectors(served, local)
+
+
+def test_the_query_instruction_is_added_on_our_side(endpoint_table, infinity, key_file,
+                                                    capsys):
+    """`--instruction` (model.query_instruction) reaches the server inside the query text, in
+    Qwen3's template; the documents were sent without one."""
+    output, _ = endpoint_table
+    with FaultProxy(infinity.url) as proxy:
+        flags = [part for item in endpoint(proxy.url, key_file) for part in ("--set", item)]
+        assert search.main(["--vectors", str(output), "--query", "glaciers", "--instruction",
+                            "Find the passage", "--model", SERVED, *flags]) == 0, \
+            capsys.readouterr().err
+    assert "Instruct: Find the passage\nQuery:glaciers" in proxy.stats.inputs
+
+
+def test_any_5xx_is_retried_and_a_404_stops_the_run_instead_of_quarantining(
+        spark, infinity, key_file, source, tmp_path):
+    output = tmp_path / "vectors"
+    with FaultProxy(infinity.url) as proxy:
+        proxy.inject(Fault.passthrough())  # the probe
+        proxy.inject(Fault.status(520))  # a load balancer's: retried
+        proxy.inject(Fault.status(404, message="model unloaded"), times=50)
+        with pytest.raises(EndpointAnswered, match=r"answered 404 \(model unloaded\)"):
+            embed(spark, source, output, *endpoint(proxy.url, key_file, *FAST_RETRIES))
+    assert not Path(str(output) + "_rejects").exists(), "nothing is quarantined for a 404"

@@ -16,6 +16,7 @@ import pytest
 from pipeline.config import SettingsError, load_settings
 from pipeline.endpoint.encoder import character_chunks, request_groups
 from pipeline.endpoint.http import (
+    EndpointAuthError,
     EndpointSpec,
     backoff_seconds,
     error_message,
@@ -44,7 +45,8 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_honours_retry_after():
         assert max(waits) - min(waits) > ceiling / 10  # jittered, not one value
     assert backoff_seconds(spec, 0, 5.0) >= 5.0
     assert retry_after_seconds("3") == 3.0
-    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date gone by
+    assert retry_after_seconds("soon") is None
 
 
 def test_openai_path_is_appended_to_a_base_url_once():
@@ -151,3 +153,34 @@ def test_endpoint_settings_are_checked_before_anything_runs():
         load_settings("local", [*base, "model.endpoint.url=http://h",
                                 "model.endpoint.api_key_env=K",
                                 "model.endpoint.api_key_file=/k"], require_io=False)
+
+
+def test_a_key_with_whitespace_inside_is_refused_without_quoting_it(tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("sk-first-line\nsk-second-line\n")
+    spec = EndpointSpec("openai", "http://x", "m", api_key_file=str(secret))
+    with pytest.raises(EndpointAuthError, match="whitespace or control") as raised:
+        spec.api_key()
+    assert "sk-" not in str(raised.value)
+
+
+def test_retry_after_as_an_http_date_is_honoured():
+    from email.utils import formatdate
+
+    wait = retry_after_seconds(formatdate(time.time() + 30, usegmt=True))
+    assert 25 <= wait <= 31
+
+
+def test_the_runs_record_redacts_secrets_in_spark_conf():
+    from pipeline.run.summary import REDACTED, recorded_config
+
+    settings = load_settings("local", [
+        "model.name=m", "model.backend=openai", "model.endpoint.url=http://h",
+        "model.endpoint.api_key_env=EMBEDDING_KEY",
+        "spark.conf.spark.executorEnv.EMBEDDING_KEY=sk-live-1",
+        "spark.conf.spark.hadoop.fs.s3a.secret.key=abc",
+        "spark.conf.spark.sql.shuffle.partitions=4"], require_io=False)
+    conf = recorded_config(settings)["spark"]["conf"]
+    assert conf["spark.executorEnv.EMBEDDING_KEY"] == REDACTED
+    assert conf["spark.hadoop.fs.s3a.secret.key"] == REDACTED
+    assert conf["spark.sql.shuffle.partitions"] == "4"

@@ -8,6 +8,7 @@ Another encoder, the same shape: `chunk`, `embed`, `content_capacity`, and the t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -134,8 +135,13 @@ class EndpointEncoder:
         retries_before = self.client.retries
         futures = [self.pool.submit(self._embed_group, prepared, group, vectors, refusals)
                    for group in prepared.requests]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:  # the slice failed: its requests not yet sent are not sent
+                future.cancel()
+            raise
         if self.spec.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.where(norms == 0, 1, norms)
@@ -177,8 +183,13 @@ def endpoint_encoder(spec: ModelSpec, budget: BatchSettings) -> EndpointEncoder:
     """The process's encoder for an endpoint spec: one client (connections, counters) and one
     request pool per process, as a local model is loaded once per process."""
     global _resident
+    key = dataclasses.replace(spec, probe_vectors="")  # each run's probe differs a little
     with _lock:
-        if _resident is None or _resident[0] != spec:
+        if _resident is not None and _resident[0] != key:
+            _resident[1].pool.shutdown(wait=False, cancel_futures=True)
+            _resident[1].client.close()
+            _resident = None
+        if _resident is None:
             endpoint = spec.endpoint
             tokens = None
             if spec.path:
@@ -188,8 +199,8 @@ def endpoint_encoder(spec: ModelSpec, budget: BatchSettings) -> EndpointEncoder:
                 tokens = ChunkTokenizer(tokenizer, spec.max_length, spec.document_prompt, None)
             pool = ThreadPoolExecutor(max_workers=endpoint.concurrency,
                                       thread_name_prefix="endpoint")
-            _resident = (spec, EndpointEncoder(spec, budget, EndpointClient(endpoint), tokens,
-                                               pool))
+            _resident = (key, EndpointEncoder(spec, budget, EndpointClient(endpoint), tokens,
+                                              pool))
         encoder = _resident[1]
         encoder.client.consecutive_failures = 0  # a run of failures is counted per task
         return encoder.with_budget(budget)

@@ -27,12 +27,16 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.endpoint")
 
-RETRIED_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# Answers worth another try (and every 5xx); the key's; and the ones that refuse the request's
+# inputs (OpenAI-style 400, TEI's 413 and 422 validation, 424 for an input the model failed on).
+# Any other 4xx (404, 405: a wrong route or model) is the endpoint's problem, not the inputs'.
+RETRIED_STATUSES = frozenset({408, 409, 425, 429})
 AUTH_STATUSES = frozenset({401, 403})
+REFUSING_STATUSES = frozenset({400, 413, 422, 424})
 MAX_RETRY_AFTER_S = 300.0
 # A kept-alive connection idle this long is replaced before use: servers close idle ones
-# (uvicorn after 5 s), and a request sent on a closed one fails for nothing.
-IDLE_RECONNECT_S = 3.0
+# (uvicorn after 5 s, gunicorn after 2 s), and a request sent on a closed one fails for nothing.
+IDLE_RECONNECT_S = 1.5
 
 
 class EndpointError(PipelineError):
@@ -49,6 +53,15 @@ class EndpointAuthError(EndpointError):
 
 class EndpointModelError(EndpointError):
     """The endpoint does not serve the model, or serves it with another dimension or revision."""
+
+
+class EndpointAnswered(EndpointError):
+    """The endpoint answered a 4xx that is neither about the key nor the inputs (404, 405: a
+    wrong route, or a model it does not have)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class EndpointFailing(EndpointError):
@@ -84,6 +97,7 @@ class EndpointSpec:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_consecutive_failures: int = 12
+    normalize: bool = True  # TEI's `normalize` (the vectors are normalised here as well)
 
     @property
     def embed_path(self) -> str:
@@ -103,14 +117,23 @@ class EndpointSpec:
                     f"model.endpoint.api_key_env names {self.api_key_env}, which is not set in "
                     "this process (on a cluster, set it on the executors too: "
                     f"spark.executorEnv.{self.api_key_env})")
-            return key.strip()
+            return _checked_key(key.strip(), f"${self.api_key_env}")
         if self.api_key_file:
             path = Path(self.api_key_file).expanduser()
             if not path.is_file():
                 raise EndpointAuthError(f"model.endpoint.api_key_file {path} does not exist "
                                         "here")
-            return path.read_text().strip()
+            return _checked_key(path.read_text().strip(), str(path))
         return None
+
+
+def _checked_key(key: str, source: str) -> str:
+    """A key goes into a header: one holding whitespace or control characters would make the
+    HTTP library fail with the key in its message, so it is refused here, unquoted."""
+    if not key or any(char.isspace() or ord(char) < 32 for char in key):
+        raise EndpointAuthError(f"the API key in {source} is empty or holds whitespace or "
+                                "control characters (one key on one line is expected)")
+    return key
 
 
 def backoff_seconds(spec: EndpointSpec, attempt: int, retry_after: float | None) -> float:
@@ -122,10 +145,18 @@ def backoff_seconds(spec: EndpointSpec, attempt: int, retry_after: float | None)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After in seconds (an HTTP date is treated as unknown)."""
+    """Retry-After in seconds, given as seconds or as an HTTP date."""
+    if not value:
+        return None
     try:
-        return max(0.0, float(value)) if value else None
+        return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
         return None
 
 
@@ -158,7 +189,8 @@ class EndpointClient:
 
     def embed_body(self, texts: list[str]) -> dict[str, Any]:
         if self.spec.api == "tei":
-            body: dict[str, Any] = {"inputs": texts, "truncate": False, "normalize": True}
+            body: dict[str, Any] = {"inputs": texts, "truncate": False,
+                                    "normalize": self.spec.normalize}
         else:
             body = {"model": self.spec.model, "input": texts, "encoding_format": "float"}
         if self.spec.dimensions is not None:
@@ -193,7 +225,7 @@ class EndpointClient:
             with self._limits.request(units):
                 try:
                     status, headers, data = self._once(method, path, payload)
-                except (OSError, http.client.HTTPException) as error:
+                except (OSError, http.client.HTTPException, ValueError) as error:
                     self._drop_connection()
                     self.last_error = error
                     status, headers, data = 0, {}, b""
@@ -208,9 +240,13 @@ class EndpointClient:
                     raise EndpointAuthError(
                         f"endpoint {spec.url} refused the API key ({status}: {message}); "
                         f"check {self._key_source()}")
-                if status not in RETRIED_STATUSES:
+                if status in REFUSING_STATUSES:
                     self._succeeded()  # the server answered: a refusal, not an outage
                     raise InputRefused(status, message)
+                if status < 500 and status not in RETRIED_STATUSES:
+                    raise EndpointAnswered(f"endpoint {spec.url} answered {status} ({message}) "
+                                           f"at {path}; check model.endpoint.url and "
+                                           "model.name", status)
                 retry_after = retry_after_seconds(headers.get("retry-after"))
                 last = f"{status}: {message}"
                 self.last_error = None
@@ -230,10 +266,12 @@ class EndpointClient:
             self.consecutive_failures = 0
 
     def _failed(self, last: str) -> None:
+        """Failed attempts in a row, with no success between, counted across the requests in
+        flight: the limit is max_consecutive_failures per request slot (concurrency)."""
         with self._lock:
             self.consecutive_failures += 1
             failures = self.consecutive_failures
-        if failures >= self.spec.max_consecutive_failures:
+        if failures >= self.spec.max_consecutive_failures * self.spec.concurrency:
             raise EndpointFailing(
                 f"endpoint {self.spec.url} failed {failures} attempts in a row (last: {last}); "
                 "committed waves are kept: run the same command again to resume")

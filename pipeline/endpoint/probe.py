@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.config import ModelSettings, default_model_id
 from pipeline.endpoint.http import (
+    EndpointAnswered,
     EndpointClient,
     EndpointError,
     EndpointFailing,
@@ -61,6 +62,7 @@ def endpoint_spec(settings: ModelSettings, tokenized: bool) -> EndpointSpec:
         backoff_s=endpoint.backoff_s,
         max_backoff_s=endpoint.max_backoff_s,
         max_consecutive_failures=endpoint.max_consecutive_failures,
+        normalize=settings.normalize is not False,
     )
 
 
@@ -152,15 +154,22 @@ def served_revision(client: EndpointClient, model: str) -> tuple[str, int | None
 def probe_vectors(client: EndpointClient, model: str) -> np.ndarray:
     try:
         return client.embed(list(PROBE_TEXTS), sum(map(len, PROBE_TEXTS)), PROBE_RETRIES)
+    except EndpointAnswered as answered:
+        if answered.status == 404:  # OpenAI's answer for a model it does not have
+            raise EndpointModelError(f"{answered} (does it serve model {model!r}?)") from answered
+        raise
     except InputRefused as refused:
-        if refused.status == 404 or "model" in refused.message.lower():
+        if "model" in refused.message.lower():
             raise EndpointModelError(
                 f"endpoint {client.spec.url} does not serve model {model!r} "
                 f"({refused.status}: {refused.message})") from refused
         raise EndpointError(f"endpoint {client.spec.url} refused the probe texts "
                             f"({refused.status}: {refused.message})") from refused
     except EndpointFailing as failing:
-        raise _unreachable(client) or failing from failing
+        unreachable = _unreachable(client)
+        if unreachable is not None:
+            raise unreachable from failing
+        raise
 
 
 def _get(client: EndpointClient, path: str):
@@ -170,8 +179,15 @@ def _get(client: EndpointClient, path: str):
         return body
     except InputRefused:
         return None
+    except EndpointAnswered as answered:
+        if answered.status in (404, 405):
+            return None
+        raise
     except EndpointFailing as failing:
-        raise _unreachable(client) or failing from failing
+        unreachable = _unreachable(client)
+        if unreachable is not None:
+            raise unreachable from failing
+        raise
 
 
 def _unreachable(client: EndpointClient) -> EndpointUnreachable | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 
+from pipeline.config import Settings
 from pipeline.run.state import Run, RunSummary
 
 
@@ -40,6 +42,23 @@ def summarize(run: Run) -> RunSummary:
     )
 
 
+# spark.conf entries recorded as REDACTED: what Spark's own spark.redaction.regex hides, API
+# keys, and the executors' copy of the endpoint's key variable.
+SECRET_CONF = re.compile(r"(?i)secret|password|token|access.?key|api.?key|credential")
+REDACTED = "*********(redacted)"
+
+
+def recorded_config(settings: Settings) -> dict:
+    """The settings as `<output>_runs` records them, secrets in spark.conf redacted."""
+    config = settings.to_dict()
+    key_env = settings.model.endpoint.api_key_env
+    conf = config["spark"]["conf"]
+    for name in conf:
+        if SECRET_CONF.search(name) or (key_env and name == f"spark.executorEnv.{key_env}"):
+            conf[name] = REDACTED
+    return config
+
+
 def run_record(run: Run, status: str, error: str | None) -> dict:
     """The run's row in `<output>_runs`; a failed run still says what it committed."""
     spec = run.spec
@@ -54,7 +73,7 @@ def run_record(run: Run, status: str, error: str | None) -> dict:
         "tokens": run.written.tokens,
         "seconds": round(time.perf_counter() - run.clock, 2),
         "model_fingerprint": spec.fingerprint if spec else None,
-        "config": json.dumps(run.settings.to_dict(), sort_keys=True),
+        "config": json.dumps(recorded_config(run.settings), sort_keys=True),
         "table_version": run.version,
         "error": error,
     }
