@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from py4j.protocol import Py4JJavaError
 from pyspark import cloudpickle
-from pyspark.errors import PySparkException
 from pyspark.sql import functions as F
 
 from pipeline import search
@@ -93,10 +92,12 @@ def test_exact_search_equals_numpy_brute_force(spark, corpus, by_document):
 
 
 def test_the_corpus_cannot_reach_the_driver_yet_search_runs(spark, corpus):
-    frame, _ = corpus
+    frame, matrix = corpus
     assert frame.rdd.getNumPartitions() == 16
-    with pytest.raises((Py4JJavaError, PySparkException), match="maxResultSize"):
-        frame.select("embedding").collect()
+    limit = search._bytes(spark.sparkContext.getConf().get("spark.driver.maxResultSize"))
+    assert matrix.nbytes > limit, "the session lets the driver receive the whole corpus"
+    table = Path(frame.inputFiles()[0].removeprefix("file:")).parent
+    assert not search.scores_on_driver(spark, str(table))
     queries = Queries(["a", "b"], random_units(3, 2, 96))
     assert exact_search(spark, frame, queries, k=5).count() == 10
 
