@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +76,9 @@ def endpoint_model_spec(settings: ModelSettings) -> ModelSpec:
     spec = endpoint_spec(settings, tokenized=folder is not None)
     client = EndpointClient(spec)
     try:
-        revision, batch_limit = served_revision(client, settings.name)
-        vectors = probe_vectors(client, settings.name)
+        with _reachable(client):
+            revision, batch_limit = served_revision(client, settings.name)
+            vectors = probe_vectors(client, settings.name)
     finally:
         client.close()
     if batch_limit and batch_limit < spec.max_request_inputs:  # TEI's max_client_batch_size
@@ -165,11 +168,6 @@ def probe_vectors(client: EndpointClient, model: str) -> np.ndarray:
                 f"({refused.status}: {refused.message})") from refused
         raise EndpointError(f"endpoint {client.spec.url} refused the probe texts "
                             f"({refused.status}: {refused.message})") from refused
-    except EndpointFailing as failing:
-        unreachable = _unreachable(client)
-        if unreachable is not None:
-            raise unreachable from failing
-        raise
 
 
 def _get(client: EndpointClient, path: str):
@@ -183,18 +181,19 @@ def _get(client: EndpointClient, path: str):
         if answered.status in (404, 405):
             return None
         raise
+
+
+@contextmanager
+def _reachable(client: EndpointClient) -> Iterator[None]:
+    """A probe that failed on connections (refused, reset, timed out) is EndpointUnreachable."""
+    try:
+        yield
     except EndpointFailing as failing:
-        unreachable = _unreachable(client)
-        if unreachable is not None:
-            raise unreachable from failing
-        raise
-
-
-def _unreachable(client: EndpointClient) -> EndpointUnreachable | None:
-    error = client.last_error
-    if not isinstance(error, OSError):
-        return None
-    what = "timed out" if isinstance(error, TimeoutError) else "is unreachable"
-    return EndpointUnreachable(
-        f"endpoint {client.spec.url} {what} ({type(error).__name__}: {error}); check "
-        "model.endpoint.url, that the server is up, and model.endpoint.timeout_s")
+        error = client.last_error
+        if not isinstance(error, OSError):
+            raise
+        what = "timed out" if isinstance(error, TimeoutError) else "is unreachable"
+        raise EndpointUnreachable(
+            f"endpoint {client.spec.url} {what} ({type(error).__name__}: {error}); check "
+            "model.endpoint.url, that the server is up, and model.endpoint.timeout_s"
+        ) from failing
