@@ -23,8 +23,15 @@ DRIVER_RESULT_LIMIT = "8m"
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
+    """The suite's session. A job an earlier test ran in-process (benchmarks/endpoint.py, say)
+    may have left its own session running, without these settings: it is stopped first, since a
+    running SparkContext keeps its static settings (spark.driver.maxResultSize) whatever is asked."""
+    from pyspark import SparkContext
+
     from pipeline.spark.session import get_spark
 
+    if SparkContext._active_spark_context is not None:
+        SparkContext._active_spark_context.stop()
     session = get_spark(SparkSettings(
         master="local[2]", app_name="pipeline-tests",
         conf={"spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false",
@@ -33,6 +40,7 @@ def spark(tmp_path_factory):
               "spark.driver.maxResultSize": DRIVER_RESULT_LIMIT,
               "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))},
     ))
+    assert session.sparkContext.getConf().get("spark.driver.maxResultSize") == DRIVER_RESULT_LIMIT
     yield session
     session.stop()
 
