@@ -19,6 +19,7 @@ from pipeline.cli import job_entry
 from pipeline.config import InputSettings, SettingsError, add_profile_arguments, load_settings
 from pipeline.search import (
     METRICS,
+    QueryTexts,
     SearchReport,
     import_encoder_in_background,
     query_frame,
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     vectors = args.vectors or settings.output.path
     if not vectors:
         raise SettingsError("which table? --vectors (the profile sets no output.path)")
+    # the command line's queries alone stay in this process: a local driver embeds them itself
+    texts = (QueryTexts.numbered(args.query)
+             if not args.queries and not args.export_index else None)
     spark = get_spark(settings.spark)
     if args.export_index:
         return export_index(spark, vectors, args)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     source = (InputSettings(path=args.queries, id_col=args.query_id_col,
                             text_col=args.query_text_col, cast_columns=True)
               if args.queries else None)
-    queries = query_frame(spark, args.query, source)
+    queries = texts or query_frame(spark, args.query, source)
     results, spec = search_table(spark, settings, vectors, queries, args.k,
                                  by_document=args.documents, metric=args.metric,
                                  explicit_model=args.model is not None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -37,6 +39,7 @@ from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
 from pipeline.spark.io import read_source
 from pipeline.spark.session import default_parallelism
 from pipeline.store.delta import PROBE_PROPERTY, VECTOR_PROPERTIES, TableRef, check_same_model
+from pipeline.store.delta_log import LogSnapshot, local_snapshot
 from pipeline.store.runs import last_succeeded_config
 from pipeline.store.vectors import (
     STORED_COLUMNS,
@@ -59,6 +62,7 @@ PARTIAL_DDL = "query_id string, doc_id string, chunk_index int, score float, chu
 RESULT_COLUMNS = ("query_id", "rank", "doc_id", "chunk_index", "score")
 # Queries a local driver embeds itself (embed_queries); more go to the executors.
 DRIVER_QUERIES = 1000
+NO_QUERIES = "give queries: --query TEXT (repeatable) or --queries FILE_OR_TABLE"
 # A table whose files hold at most this much a local driver scores itself, in one pass over its
 # rows fetched as Arrow (no Python workers to start, no shuffle); larger ones are scored where
 # they lie. Its rows take about DECODED_PER_STORED[format] x the files' bytes in memory, as
@@ -84,6 +88,29 @@ class Queries:
             raise InputError("query ids must be unique")
 
 
+@dataclass(frozen=True)
+class QueryTexts:
+    """Queries held in this process (the command line's, ids q1, q2, ... by position): a local
+    driver embeds them without a Spark job."""
+
+    ids: list[str]
+    texts: list[str]
+
+    @classmethod
+    def numbered(cls, texts: list[str]) -> QueryTexts:
+        if not texts:
+            raise UsageError(NO_QUERIES)
+        kept = [(f"q{i}", text) for i, text in enumerate(texts, 1) if text and text.strip()]
+        if not kept:
+            raise InputError("no queries to search: every --query is blank")
+        return cls([i for i, _ in kept], [t for _, t in kept])
+
+    def frame(self, spark: SparkSession) -> DataFrame:
+        """As a local relation (pandas through Arrow): collecting it runs no job."""
+        return spark.createDataFrame(pd.DataFrame({"query_id": self.ids, "text": self.texts}),
+                                     "query_id string, text string")
+
+
 # --- Spark glue ----------------------------------------------------------------------------
 
 
@@ -97,21 +124,13 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
     `with_text` adds the hits' `chunk_text`, carried through the scoring from the same scan.
     `on_driver` scores the rows in this process (a small table: see DRIVER_TABLE_BYTES), with
     the same function and order as the executors."""
-    if metric not in METRICS:
-        raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
-    if k < 1:
-        raise UsageError(f"k must be at least 1, got {k}")
-    normalize = metric == "cosine"
-    matrix = np.asarray(queries.vectors, dtype=np.float32)
-    if normalize:
-        matrix = unit_rows(matrix)
+    score, columns = _scoring(queries, k, by_document, metric, vector_format, with_text)
     texts = ("chunk_text",) if with_text else ()
-    columns = vectors.select("doc_id", "chunk_index", *STORED_COLUMNS[vector_format], *texts)
-    score = score_batches(matrix, queries.ids, k, by_document, normalize, vector_format,
-                          text_col="chunk_text" if with_text else None)
+    scanned = vectors.select(*columns)
     if on_driver:
-        return _ranked_here(spark, columns, score, texts)
-    partials = columns.mapInArrow(score, PARTIAL_DDL)
+        return _ranked_here(spark, scanned.toArrow().to_batches(DRIVER_BLOCK_ROWS), score,
+                            with_text)
+    partials = scanned.mapInArrow(score, PARTIAL_DDL)
     if by_document:
         partials = (partials.groupBy("query_id", "doc_id")
                     .agg(F.max_by(F.struct("chunk_index", "chunk_text"), "score").alias("best"),
@@ -123,16 +142,49 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
             .where(F.col("rank") <= k).select(*RESULT_COLUMNS, *texts))
 
 
-def _ranked_here(spark: SparkSession, columns: DataFrame, score, texts: tuple[str, ...]
-                 ) -> DataFrame:
-    """The whole table through the scoring function in this process: its one partial result is
-    each query's top k, best first (exact, as a single partition's is)."""
-    rows = columns.toArrow().to_batches(max_chunksize=DRIVER_BLOCK_ROWS)
-    partial = pa.Table.from_batches(list(score(iter(rows))))
+def exact_search_files(spark: SparkSession, snapshot: LogSnapshot, queries: Queries, k: int, *,
+                       by_document: bool = False, metric: Metric = "cosine",
+                       vector_format: VectorFormat = "float32", with_text: bool = False
+                       ) -> DataFrame | None:
+    """exact_search over a small local table's Parquet files, read in this process from its
+    log's snapshot (pipeline.store.delta_log): no Spark job reads the table. None when a file
+    lacks a column (an older file of an evolved schema, which Delta reads as nulls)."""
+    score, columns = _scoring(queries, k, by_document, metric, vector_format, with_text)
+    files = [pq.ParquetFile(path) for path in snapshot.files]
+    if any(not set(columns) <= set(file.schema_arrow.names) for file in files):
+        return None
+    batches = (batch for file in files
+               for batch in file.iter_batches(DRIVER_BLOCK_ROWS, columns=list(columns)))
+    return _ranked_here(spark, batches, score, with_text)
+
+
+def _scoring(queries: Queries, k: int, by_document: bool, metric: Metric, fmt: VectorFormat,
+             with_text: bool) -> tuple[Callable, tuple[str, ...]]:
+    """The scoring function over Arrow batches, and the columns it reads."""
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
+    if k < 1:
+        raise UsageError(f"k must be at least 1, got {k}")
+    normalize = metric == "cosine"
+    matrix = np.asarray(queries.vectors, dtype=np.float32)
+    if normalize:
+        matrix = unit_rows(matrix)
+    texts = ("chunk_text",) if with_text else ()
+    score = score_batches(matrix, queries.ids, k, by_document, normalize, fmt,
+                          text_col="chunk_text" if with_text else None)
+    return score, ("doc_id", "chunk_index", *STORED_COLUMNS[fmt], *texts)
+
+
+def _ranked_here(spark: SparkSession, batches: Iterable[pa.RecordBatch], score,
+                 with_text: bool) -> DataFrame:
+    """All the table's rows through the scoring function in this process: its one partial
+    result is each query's top k, best first (exact, as a single partition's is)."""
+    partial = pa.Table.from_batches(list(score(iter(batches))))
     frame = partial.to_pandas()
     frame.insert(1, "rank", frame.groupby("query_id", sort=False).cumcount() + 1)
+    texts = ["chunk_text"] if with_text else []
     schema = "query_id string, rank int, doc_id string, chunk_index int, score float" + (
-        ", chunk_text string" if texts else "")
+        ", chunk_text string" if with_text else "")
     return spark.createDataFrame(frame[[*RESULT_COLUMNS, *texts]], schema)
 
 
@@ -141,10 +193,19 @@ def scores_on_driver(spark: SparkSession, location: str, fmt: VectorFormat = "fl
     enough for DRIVER_TABLE_BYTES and for what the driver may receive."""
     if not local_master(spark):
         return False
+    snapshot = local_snapshot(location)
+    size = (snapshot.size_bytes if snapshot is not None
+            else TableRef.parse(location).size_bytes(spark))
+    return fits_driver(spark, size, fmt)
+
+
+def fits_driver(spark: SparkSession, size_bytes: int, fmt: VectorFormat) -> bool:
+    """A table of files of `size_bytes` decodes within DRIVER_TABLE_BYTES and within half of
+    what the driver may receive."""
     limit = DRIVER_TABLE_BYTES
     with suppress(Exception):
         limit = min(limit, _bytes(spark.conf.get("spark.driver.maxResultSize", "1g")) // 2)
-    return TableRef.parse(location).size_bytes(spark) * DECODED_PER_STORED[fmt] <= limit
+    return size_bytes * DECODED_PER_STORED[fmt] <= limit
 
 
 def _bytes(size: str) -> int:
@@ -284,19 +345,15 @@ def local_master(spark: SparkSession) -> bool:
 
 def query_frame(spark: SparkSession, texts: list[str], source: InputSettings | None
                 ) -> DataFrame:
-    """Queries from the command line (ids q1, q2, ...) and/or a file or table. The command
-    line's come from pandas, through Arrow, as a local relation: collecting them runs no job."""
-    frames = []
-    if texts:
-        typed = pd.DataFrame({"query_id": [f"q{i}" for i in range(1, len(texts) + 1)],
-                              "text": texts})
-        frames.append(spark.createDataFrame(typed, "query_id string, text string"))
+    """Queries from the command line (ids q1, q2, ...) and/or a file or table."""
+    if not texts and source is None:
+        raise UsageError(NO_QUERIES)
+    frames = [QueryTexts([f"q{i}" for i in range(1, len(texts) + 1)], texts).frame(spark)
+              ] if texts else []
     if source is not None:
         table = read_source(spark, source)
         frames.append(table.select(F.col(source.id_col).cast("string").alias("query_id"),
                                    F.col(source.text_col).cast("string").alias("text")))
-    if not frames:
-        raise UsageError("give queries: --query TEXT (repeatable) or --queries FILE_OR_TABLE")
     combined = frames[0]
     for frame in frames[1:]:
         combined = combined.unionByName(frame)
@@ -319,29 +376,52 @@ class SearchReport:
         return dataclasses.asdict(self)
 
 
-def search_table(spark: SparkSession, settings: Settings, vectors: str, queries: DataFrame,
-                 k: int, *, by_document: bool, metric: Metric, explicit_model: bool = False,
-                 instruction: str | None = None, with_text: bool = False
-                 ) -> tuple[DataFrame, ModelSpec]:
+def search_table(spark: SparkSession, settings: Settings, vectors: str,
+                 queries: DataFrame | QueryTexts, k: int, *, by_document: bool, metric: Metric,
+                 explicit_model: bool = False, instruction: str | None = None,
+                 with_text: bool = False) -> tuple[DataFrame, ModelSpec]:
     """Embed the queries with the table's model and rank the table's chunks (or documents),
     with their text if asked. On a local master the queries are embedded on the driver, the
-    model loading meanwhile."""
+    model loading meanwhile, and a small local table is read there from its files."""
     on_driver = local_master(spark)
     loading = preload_encoder(settings) if on_driver else None
     try:
-        frame, properties = read_vectors(spark, vectors)
+        snapshot, frame, properties = open_vectors(spark, vectors, on_driver)
         spec = query_model(spark, settings, vectors, properties, explicit_model, instruction)
-        partitions = settings.spark.partitions or default_parallelism(spark)
         from pipeline.spark.udf import worker_spec  # after the reads: the preload imports it
 
-        embedded = embed_queries(queries, worker_spec(settings, spec), partitions, on_driver)
+        worker = worker_spec(settings, spec)
+        if isinstance(queries, QueryTexts) and on_driver and len(queries.ids) <= DRIVER_QUERIES:
+            embedded = _embed_here(queries.ids, queries.texts, worker)
+        else:
+            if isinstance(queries, QueryTexts):
+                queries = queries.frame(spark)
+            partitions = settings.spark.partitions or default_parallelism(spark)
+            embedded = embed_queries(queries, worker, partitions, on_driver)
     finally:
         if loading is not None:
             loading.join()  # on an error too: no thread left loading while the job exits
-    return exact_search(spark, frame, embedded, k, by_document=by_document, metric=metric,
-                        vector_format=vector_format(properties), with_text=with_text,
-                        on_driver=on_driver and scores_on_driver(
-                            spark, vectors, vector_format(properties))), spec
+    options = dict(k=k, by_document=by_document, metric=metric,
+                   vector_format=vector_format(properties), with_text=with_text)
+    if snapshot is not None:
+        results = exact_search_files(spark, snapshot, embedded, **options)
+        if results is not None:
+            return results, spec
+        frame, _ = read_vectors(spark, vectors)
+    return exact_search(spark, frame, embedded, on_driver=on_driver and scores_on_driver(
+        spark, vectors, vector_format(properties)), **options), spec
+
+
+def open_vectors(spark: SparkSession, location: str, on_driver: bool
+                 ) -> tuple[LogSnapshot | None, DataFrame | None, dict[str, str]]:
+    """The table to search: on a local driver, a small local table's snapshot from its log
+    (its properties with it, and no Spark job); else its frame and properties through Spark."""
+    snapshot = local_snapshot(location) if on_driver else None
+    if snapshot is not None and fits_driver(spark, snapshot.size_bytes,
+                                            vector_format(snapshot.properties)):
+        return snapshot, None, snapshot.properties
+    frame, properties = read_vectors(spark, location)
+    return None, frame, properties
 
 
 def result_counts(results: DataFrame) -> tuple[int, int]:

@@ -24,8 +24,8 @@ DRIVER_RESULT_LIMIT = "8m"
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     """The suite's session. A job an earlier test ran in-process (benchmarks/endpoint.py, say)
-    may have left its own session running, without these settings: it is stopped first, since a
-    running SparkContext keeps its static settings (spark.driver.maxResultSize) whatever is asked."""
+    may have left its own session running without these settings: it is stopped first, as a
+    running SparkContext keeps its static settings (spark.driver.maxResultSize)."""
     from pyspark import SparkContext
 
     from pipeline.spark.session import get_spark

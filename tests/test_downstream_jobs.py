@@ -58,6 +58,30 @@ def test_search_job_finds_each_document_by_its_own_words(minilm_table, docs, tmp
     assert all(h["score"] > 0.5 for h in hits if h["rank"] == 1)
 
 
+def hit_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("q")]
+
+
+def test_a_small_local_table_is_searched_from_its_files_as_the_spark_scan_ranks(
+        spark, minilm_table, capsys, monkeypatch):
+    """On a local driver the search reads a small table's Parquet files from its log's snapshot
+    (no Spark read of the table) and prints what the search through Spark prints."""
+    args = ["--vectors", str(minilm_table), "--query", "glaciers", "--query", "painters",
+            "--documents", "--k", "3"]
+    monkeypatch.setattr(pipeline.search, "local_snapshot", lambda location: None)
+    assert search.main(args) == 0
+    through_spark = hit_lines(capsys)
+    monkeypatch.undo()
+
+    def spark_read(*args, **kwargs):
+        raise AssertionError("read the table through Spark")
+
+    monkeypatch.setattr(pipeline.search, "read_vectors", spark_read)
+    assert search.main(args) == 0
+    from_files = hit_lines(capsys)
+    assert len(from_files) == 6 and from_files == through_spark
+
+
 def test_search_with_the_profiles_own_model_skips_the_runs_table(spark, minilm_table, capsys,
                                                                    monkeypatch):
     """The table records the profile's model (fingerprint, prompts, max length), so the search

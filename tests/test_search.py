@@ -17,7 +17,8 @@ from pyspark.sql import functions as F
 from pipeline import search
 from pipeline.ann import IDS_FILE, INDEX_FILE, MANIFEST_FILE, build_index, neighbour_recall
 from pipeline.config import load_settings
-from pipeline.search import Queries, embed_queries, exact_search, query_frame
+from pipeline.errors import InputError, UsageError
+from pipeline.search import Queries, QueryTexts, embed_queries, exact_search, query_frame
 from pipeline.spark import udf
 from pipeline.spark.udf import worker_spec
 from pipeline.store.vectors import read_vectors
@@ -238,3 +239,12 @@ def test_only_a_table_the_driver_may_receive_is_scored_there(spark, corpus, tmp_
     assert not search.scores_on_driver(spark, str(big))
     monkeypatch.setattr(search, "DRIVER_TABLE_BYTES", 1000)
     assert not search.scores_on_driver(spark, str(tmp_path / "small"))
+
+
+def test_command_line_queries_keep_their_position_ids_and_blanks_are_dropped_or_refused():
+    queries = QueryTexts.numbered(["glaciers", "  ", "salt"])
+    assert (queries.ids, queries.texts) == (["q1", "q3"], ["glaciers", "salt"])
+    with pytest.raises(UsageError, match="give queries"):
+        QueryTexts.numbered([])
+    with pytest.raises(InputError, match="every --query is blank"):
+        QueryTexts.numbered(["", " \t"])
