@@ -37,7 +37,7 @@ from pipeline.config import (
 from pipeline.errors import InputError, UsageError
 from pipeline.model.spec import ModelSpec, ModelSpecError, resolve_model_spec
 from pipeline.spark.io import read_source
-from pipeline.spark.session import default_parallelism
+from pipeline.spark.session import default_parallelism, is_connect
 from pipeline.store.delta import PROBE_PROPERTY, VECTOR_PROPERTIES, TableRef, check_same_model
 from pipeline.store.delta_log import LogSnapshot, local_snapshot
 from pipeline.store.runs import last_succeeded_config
@@ -193,7 +193,7 @@ def scores_on_driver(spark: SparkSession, location: str, fmt: VectorFormat = "fl
     enough for DRIVER_TABLE_BYTES and for what the driver may receive."""
     if not local_master(spark):
         return False
-    snapshot = local_snapshot(location)
+    snapshot = None if is_connect(spark) else local_snapshot(location)
     size = (snapshot.size_bytes if snapshot is not None
             else TableRef.parse(location).size_bytes(spark))
     return fits_driver(spark, size, fmt)
@@ -416,7 +416,8 @@ def open_vectors(spark: SparkSession, location: str, on_driver: bool
                  ) -> tuple[LogSnapshot | None, DataFrame | None, dict[str, str]]:
     """The table to search: on a local driver, a small local table's snapshot from its log
     (its properties with it, and no Spark job); else its frame and properties through Spark."""
-    snapshot = local_snapshot(location) if on_driver else None
+    # over Spark Connect the files are the server's: a folder of the same name here is not them
+    snapshot = local_snapshot(location) if on_driver and not is_connect(spark) else None
     if snapshot is not None and fits_driver(spark, snapshot.size_bytes,
                                             vector_format(snapshot.properties)):
         return snapshot, None, snapshot.properties
