@@ -4,6 +4,7 @@ search that reads a small table's files with it."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 
 from pipeline import search
 from pipeline.search import Queries, exact_search, exact_search_files
+from pipeline.store import delta_log
 from pipeline.store.delta import TableRef
 from pipeline.store.delta_log import local_snapshot
 from tests.test_search import brute_force, random_units, ranked, write_vectors
@@ -21,7 +23,7 @@ def sql(spark, statement: str, path: Path) -> None:
 
 
 def spark_files(spark, path: Path) -> list[str]:
-    return sorted(f.removeprefix("file://").removeprefix("file:")
+    return sorted(unquote(urlparse(f).path)
                   for f in spark.read.format("delta").load(str(path)).inputFiles())
 
 
@@ -46,7 +48,7 @@ def assert_reads_as_spark(spark, path: Path) -> None:
 
 
 def test_appends_overwrites_and_property_changes_read_as_spark_reads_them(spark, tmp_path):
-    path = tmp_path / "t"
+    path = tmp_path / "a folder, with space" / "t"
     write_vectors(spark, path, random_units(1, 60, 8), files=2)
     assert_reads_as_spark(spark, path)
     append_vectors(spark, path, random_units(2, 30, 8))
@@ -91,6 +93,14 @@ def test_a_live_deletion_vector_or_a_missing_commit_sends_the_table_to_spark(spa
     append_vectors(spark, gapped, random_units(7, 5, 8))
     (gapped / "_delta_log" / f"{1:020d}.json").unlink()
     assert local_snapshot(str(gapped)) is None
+
+
+def test_a_log_too_long_for_a_small_table_is_left_to_spark(spark, tmp_path, monkeypatch):
+    path = tmp_path / "t"
+    write_vectors(spark, path, random_units(13, 20, 8), files=1)
+    assert local_snapshot(str(path)) is not None
+    monkeypatch.setattr(delta_log, "LOG_BYTES_LIMIT", 100)
+    assert local_snapshot(str(path)) is None
 
 
 def test_partitioned_mapped_remote_and_catalog_tables_are_left_to_spark(spark, tmp_path):

@@ -27,6 +27,9 @@ CLASSIC_CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint\.parquet$")
 # carries a deletion vector (checked per file): other features (column mapping, type widening,
 # v2 checkpoints, catalog-managed commits) send the table to Spark.
 PLAIN_READER_FEATURES = frozenset({"deletionVectors", "timestampNtz", "vacuumProtocolCheck"})
+# A log of more bytes to replay than this is a large table's: Spark's snapshot, not this reader,
+# is the one to compute it (the caller only wants small tables here).
+LOG_BYTES_LIMIT = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def _replay(folder: Path) -> LogSnapshot | None:
         return None
     newest = commits[-1]
     start, state = _start(log, names, set(commits), newest)
-    if start is None:
+    if start is None or _bytes_to_replay(log, start, newest) > LOG_BYTES_LIMIT:
         return None
     for version in range(start, newest + 1):
         with (log / f"{version:020d}.json").open() as lines:
@@ -87,6 +90,8 @@ def _start(log: Path, names: list[str], commits: set[int], newest: int
                          reverse=True)
     for version in checkpoints:
         if all(v in commits for v in range(version + 1, newest + 1)):
+            if (log / f"{version:020d}.checkpoint.parquet").stat().st_size > LOG_BYTES_LIMIT:
+                return None, _State()
             state = _State()
             for action in pq.read_table(log / f"{version:020d}.checkpoint.parquet").to_pylist():
                 state.apply({key: value for key, value in action.items() if value is not None})
@@ -94,6 +99,11 @@ def _start(log: Path, names: list[str], commits: set[int], newest: int
     if all(v in commits for v in range(newest + 1)):
         return 0, _State()
     return None, _State()
+
+
+def _bytes_to_replay(log: Path, start: int, newest: int) -> int:
+    versions = range(start, newest + 1)
+    return sum((log / f"{version:020d}.json").stat().st_size for version in versions)
 
 
 class _State:
