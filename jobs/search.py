@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     source = (InputSettings(path=args.queries, id_col=args.query_id_col,
                             text_col=args.query_text_col, cast_columns=True)
               if args.queries else None)
-    queries = texts or query_frame(spark, args.query, source)
+    queries = texts if texts is not None else query_frame(spark, args.query, source)
     results, spec = search_table(spark, settings, vectors, queries, args.k,
                                  by_document=args.documents, metric=args.metric,
                                  explicit_model=args.model is not None,

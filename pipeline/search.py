@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -88,6 +88,11 @@ class Queries:
             raise InputError("query ids must be unique")
 
 
+def numbered_ids(texts: list[str]) -> list[str]:
+    """The command line's query ids: q1, q2, ... by position."""
+    return [f"q{i}" for i in range(1, len(texts) + 1)]
+
+
 @dataclass(frozen=True)
 class QueryTexts:
     """Queries held in this process (the command line's, ids q1, q2, ... by position): a local
@@ -100,7 +105,8 @@ class QueryTexts:
     def numbered(cls, texts: list[str]) -> QueryTexts:
         if not texts:
             raise UsageError(NO_QUERIES)
-        kept = [(f"q{i}", text) for i, text in enumerate(texts, 1) if text and text.strip()]
+        kept = [(query_id, text) for query_id, text in zip(numbered_ids(texts), texts,
+                                                            strict=True) if text and text.strip()]
         if not kept:
             raise InputError("no queries to search: every --query is blank")
         return cls([i for i, _ in kept], [t for _, t in kept])
@@ -125,7 +131,6 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
     `on_driver` scores the rows in this process (a small table: see DRIVER_TABLE_BYTES), with
     the same function and order as the executors."""
     score, columns = _scoring(queries, k, by_document, metric, vector_format, with_text)
-    texts = ("chunk_text",) if with_text else ()
     scanned = vectors.select(*columns)
     if on_driver:
         return _ranked_here(spark, scanned.toArrow().to_batches(DRIVER_BLOCK_ROWS), score,
@@ -139,7 +144,7 @@ def exact_search(spark: SparkSession, vectors: DataFrame, queries: Queries, k: i
     order = Window.partitionBy("query_id").orderBy(F.desc("score"), F.asc("doc_id"),
                                                       F.asc("chunk_index"))
     return (partials.withColumn("rank", F.row_number().over(order))
-            .where(F.col("rank") <= k).select(*RESULT_COLUMNS, *texts))
+            .where(F.col("rank") <= k).select(*RESULT_COLUMNS, *_text_columns(with_text)))
 
 
 def exact_search_files(spark: SparkSession, snapshot: LogSnapshot, queries: Queries, k: int, *,
@@ -147,15 +152,23 @@ def exact_search_files(spark: SparkSession, snapshot: LogSnapshot, queries: Quer
                        vector_format: VectorFormat = "float32", with_text: bool = False
                        ) -> DataFrame | None:
     """exact_search over a small local table's Parquet files, read in this process from its
-    log's snapshot (pipeline.store.delta_log): no Spark job reads the table. None when a file
-    lacks a column (an older file of an evolved schema, which Delta reads as nulls)."""
+    log's snapshot (pipeline.store.delta_log): no Spark job reads the table. None, for Spark to
+    read the table instead, when a file lacks a column (an older file of an evolved schema,
+    which Delta reads as nulls) or cannot be read here."""
     score, columns = _scoring(queries, k, by_document, metric, vector_format, with_text)
-    files = [pq.ParquetFile(path) for path in snapshot.files]
-    if any(not set(columns) <= set(file.schema_arrow.names) for file in files):
+    try:
+        if any(not set(columns) <= set(pq.read_schema(path).names) for path in snapshot.files):
+            return None
+        return _ranked_here(spark, _file_batches(snapshot.files, columns), score, with_text)
+    except (OSError, pa.ArrowException):
+        log.debug("the files of version %s are left to Spark", snapshot.version, exc_info=True)
         return None
-    batches = (batch for file in files
-               for batch in file.iter_batches(DRIVER_BLOCK_ROWS, columns=list(columns)))
-    return _ranked_here(spark, batches, score, with_text)
+
+
+def _file_batches(paths: Iterable[str], columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
+    for path in paths:  # one file open at a time
+        with pq.ParquetFile(path) as file:
+            yield from file.iter_batches(DRIVER_BLOCK_ROWS, columns=list(columns))
 
 
 def _scoring(queries: Queries, k: int, by_document: bool, metric: Metric, fmt: VectorFormat,
@@ -169,10 +182,13 @@ def _scoring(queries: Queries, k: int, by_document: bool, metric: Metric, fmt: V
     matrix = np.asarray(queries.vectors, dtype=np.float32)
     if normalize:
         matrix = unit_rows(matrix)
-    texts = ("chunk_text",) if with_text else ()
     score = score_batches(matrix, queries.ids, k, by_document, normalize, fmt,
                           text_col="chunk_text" if with_text else None)
-    return score, ("doc_id", "chunk_index", *STORED_COLUMNS[fmt], *texts)
+    return score, ("doc_id", "chunk_index", *STORED_COLUMNS[fmt], *_text_columns(with_text))
+
+
+def _text_columns(with_text: bool) -> tuple[str, ...]:
+    return ("chunk_text",) if with_text else ()
 
 
 def _ranked_here(spark: SparkSession, batches: Iterable[pa.RecordBatch], score,
@@ -182,10 +198,9 @@ def _ranked_here(spark: SparkSession, batches: Iterable[pa.RecordBatch], score,
     partial = pa.Table.from_batches(list(score(iter(batches))))
     frame = partial.to_pandas()
     frame.insert(1, "rank", frame.groupby("query_id", sort=False).cumcount() + 1)
-    texts = ["chunk_text"] if with_text else []
     schema = "query_id string, rank int, doc_id string, chunk_index int, score float" + (
         ", chunk_text string" if with_text else "")
-    return spark.createDataFrame(frame[[*RESULT_COLUMNS, *texts]], schema)
+    return spark.createDataFrame(frame[[*RESULT_COLUMNS, *_text_columns(with_text)]], schema)
 
 
 def scores_on_driver(spark: SparkSession, location: str, fmt: VectorFormat = "float32") -> bool:
@@ -193,10 +208,24 @@ def scores_on_driver(spark: SparkSession, location: str, fmt: VectorFormat = "fl
     enough for DRIVER_TABLE_BYTES and for what the driver may receive."""
     if not local_master(spark):
         return False
-    snapshot = None if is_connect(spark) else local_snapshot(location)
+    snapshot = readable_snapshot(spark, location)
     size = (snapshot.size_bytes if snapshot is not None
             else TableRef.parse(location).size_bytes(spark))
     return fits_driver(spark, size, fmt)
+
+
+def readable_snapshot(spark: SparkSession, location: str) -> LogSnapshot | None:
+    """The table's snapshot from its log (pipeline.store.delta_log) where this process sees the
+    files Spark would read: not over Spark Connect (the files are the server's), and a path
+    without a scheme only where Hadoop's default filesystem is the local one."""
+    if is_connect(spark):
+        return None
+    if "://" not in location and not location.startswith("file:"):
+        with suppress(Exception):  # no JVM to ask: the path is taken as local
+            default = spark.sparkContext._jsc.hadoopConfiguration().get("fs.defaultFS")
+            if default and not default.startswith("file:"):
+                return None
+    return local_snapshot(location)
 
 
 def fits_driver(spark: SparkSession, size_bytes: int, fmt: VectorFormat) -> bool:
@@ -348,8 +377,7 @@ def query_frame(spark: SparkSession, texts: list[str], source: InputSettings | N
     """Queries from the command line (ids q1, q2, ...) and/or a file or table."""
     if not texts and source is None:
         raise UsageError(NO_QUERIES)
-    frames = [QueryTexts([f"q{i}" for i in range(1, len(texts) + 1)], texts).frame(spark)
-              ] if texts else []
+    frames = [QueryTexts(numbered_ids(texts), texts).frame(spark)] if texts else []
     if source is not None:
         table = read_source(spark, source)
         frames.append(table.select(F.col(source.id_col).cast("string").alias("query_id"),
@@ -357,7 +385,7 @@ def query_frame(spark: SparkSession, texts: list[str], source: InputSettings | N
     combined = frames[0]
     for frame in frames[1:]:
         combined = combined.unionByName(frame)
-    return combined.where(F.col("text").isNotNull() & (F.trim("text") != ""))
+    return combined.where(F.col("text").rlike(r"\S"))  # as QueryTexts: blank texts dropped
 
 
 @dataclass
@@ -386,43 +414,60 @@ def search_table(spark: SparkSession, settings: Settings, vectors: str,
     on_driver = local_master(spark)
     loading = preload_encoder(settings) if on_driver else None
     try:
-        snapshot, frame, properties = open_vectors(spark, vectors, on_driver)
-        spec = query_model(spark, settings, vectors, properties, explicit_model, instruction)
+        table = open_vectors(spark, vectors, on_driver)
+        spec = query_model(spark, settings, vectors, table.properties, explicit_model,
+                           instruction)
         from pipeline.spark.udf import worker_spec  # after the reads: the preload imports it
 
-        worker = worker_spec(settings, spec)
-        if isinstance(queries, QueryTexts) and on_driver and len(queries.ids) <= DRIVER_QUERIES:
-            embedded = _embed_here(queries.ids, queries.texts, worker)
-        else:
-            if isinstance(queries, QueryTexts):
-                queries = queries.frame(spark)
-            partitions = settings.spark.partitions or default_parallelism(spark)
-            embedded = embed_queries(queries, worker, partitions, on_driver)
+        embedded = _embedded(spark, queries, worker_spec(settings, spec),
+                             settings.spark.partitions, on_driver)
     finally:
         if loading is not None:
             loading.join()  # on an error too: no thread left loading while the job exits
     options = dict(k=k, by_document=by_document, metric=metric,
-                   vector_format=vector_format(properties), with_text=with_text)
-    if snapshot is not None:
-        results = exact_search_files(spark, snapshot, embedded, **options)
+                   vector_format=vector_format(table.properties), with_text=with_text)
+    if table.snapshot is not None:
+        results = exact_search_files(spark, table.snapshot, embedded, **options)
         if results is not None:
             return results, spec
-        frame, _ = read_vectors(spark, vectors)
-    return exact_search(spark, frame, embedded, on_driver=on_driver and scores_on_driver(
-        spark, vectors, vector_format(properties)), **options), spec
+    frame = table.frame if table.frame is not None else read_vectors(spark, vectors)[0]
+    return exact_search(spark, frame, embedded, on_driver=table.on_driver, **options), spec
 
 
-def open_vectors(spark: SparkSession, location: str, on_driver: bool
-                 ) -> tuple[LogSnapshot | None, DataFrame | None, dict[str, str]]:
-    """The table to search: on a local driver, a small local table's snapshot from its log
-    (its properties with it, and no Spark job); else its frame and properties through Spark."""
-    # over Spark Connect the files are the server's: a folder of the same name here is not them
-    snapshot = local_snapshot(location) if on_driver and not is_connect(spark) else None
+def _embedded(spark: SparkSession, queries: DataFrame | QueryTexts, worker: WorkerSpec,
+              partitions: int | None, on_driver: bool) -> Queries:
+    if isinstance(queries, QueryTexts):
+        if on_driver and len(queries.ids) <= DRIVER_QUERIES:
+            return _embed_here(queries.ids, queries.texts, worker)
+        queries = queries.frame(spark)
+    return embed_queries(queries, worker, partitions or default_parallelism(spark), on_driver)
+
+
+@dataclass(frozen=True)
+class SearchedTable:
+    """The table a search ranks: its properties; a small local table's snapshot, whose files
+    the driver reads itself, or the frame Spark reads; and whether the driver scores it."""
+
+    properties: dict[str, str]
+    snapshot: LogSnapshot | None = None
+    frame: DataFrame | None = None
+    on_driver: bool = False
+
+
+def open_vectors(spark: SparkSession, location: str, on_driver: bool) -> SearchedTable:
+    """On a local driver, a small local table from its log (its properties with it, and no
+    Spark job); else the table through Spark, scored on a local driver when small enough."""
+    snapshot = readable_snapshot(spark, location) if on_driver else None
     if snapshot is not None and fits_driver(spark, snapshot.size_bytes,
                                             vector_format(snapshot.properties)):
-        return snapshot, None, snapshot.properties
+        return SearchedTable(snapshot.properties, snapshot=snapshot, on_driver=True)
     frame, properties = read_vectors(spark, location)
-    return None, frame, properties
+    if not on_driver:
+        return SearchedTable(properties, frame=frame)
+    size = (snapshot.size_bytes if snapshot is not None
+            else TableRef.parse(location).size_bytes(spark))
+    return SearchedTable(properties, frame=frame,
+                         on_driver=fits_driver(spark, size, vector_format(properties)))
 
 
 def result_counts(results: DataFrame) -> tuple[int, int]:

@@ -82,6 +82,20 @@ def test_a_small_local_table_is_searched_from_its_files_as_the_spark_scan_ranks(
     assert len(from_files) == 6 and from_files == through_spark
 
 
+def test_blank_queries_are_dropped_from_the_command_line_and_from_a_file_alike(
+        minilm_table, docs, tmp_path, capsys):
+    """--query ids follow their position (a blank one is dropped, alone or beside --queries),
+    and a --queries file's rows come with their own ids."""
+    source = write_jsonl(tmp_path / "queries.jsonl", [{"id": "file-1", "text": docs[0]["text"]},
+                                                      {"id": "file-2", "text": " \t"}])
+    args = ["--vectors", str(minilm_table), "--query", " \t", "--query", "glaciers", "--k", "1"]
+    for extra, asked in (([], {"q2"}), (["--queries", str(source)], {"q2", "file-1"})):
+        assert search.main([*args, *extra]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert {line.split("\t")[0] for line in lines[:-1] if line.count("\t") == 4} == asked
+        assert json.loads(lines[-1])["queries"] == len(asked)
+
+
 def test_search_with_the_profiles_own_model_skips_the_runs_table(spark, minilm_table, capsys,
                                                                    monkeypatch):
     """The table records the profile's model (fingerprint, prompts, max length), so the search
