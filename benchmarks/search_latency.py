@@ -28,6 +28,7 @@ from pipeline.logs import print_json_result
 
 TARGET = 2.0
 QUERY = "what is salt made of"
+EMPTY = "empty spark-submit job"
 EMPTY_JOB = """from pyspark.sql import SparkSession
 
 spark = SparkSession.builder.getOrCreate()
@@ -66,7 +67,7 @@ def ensure_table(vectors: Path, cwd: Path) -> None:
 
 def jobs(vectors: Path, empty_job: Path, before: Path | None) -> dict[str, tuple[list, Path]]:
     search = ["--vectors", str(vectors), "--query", QUERY, "--k", "3"]
-    kinds = {"empty spark-submit job": ([spark_submit(), str(empty_job)], REPO)}
+    kinds = {EMPTY: ([spark_submit(), str(empty_job)], REPO)}
     if before is not None:
         kinds[f"search before ({before})"] = (
             [spark_submit(), str(before / "jobs" / "search.py"), *search], before)
@@ -83,7 +84,7 @@ def measure(vectors: Path, repeat: int, before: Path | None, cwd: Path) -> list[
         for _ in range(repeat):
             for name, (command, code) in kinds.items():
                 seconds[name].append(timed_run(command, cwd, code))
-    empty = min(seconds["empty spark-submit job"])
+    empty = min(seconds[EMPTY])
     return [{"job": name, "runs": len(runs), "best_s": min(runs), "seconds": runs,
              "vs_empty": min(runs) / empty} for name, runs in seconds.items()]
 

@@ -203,17 +203,6 @@ def _ranked_here(spark: SparkSession, batches: Iterable[pa.RecordBatch], score,
     return spark.createDataFrame(frame[[*RESULT_COLUMNS, *_text_columns(with_text)]], schema)
 
 
-def scores_on_driver(spark: SparkSession, location: str, fmt: VectorFormat = "float32") -> bool:
-    """Whether a search scores the table in the driver: a local master, and a table small
-    enough for DRIVER_TABLE_BYTES and for what the driver may receive."""
-    if not local_master(spark):
-        return False
-    snapshot = readable_snapshot(spark, location)
-    size = (snapshot.size_bytes if snapshot is not None
-            else TableRef.parse(location).size_bytes(spark))
-    return fits_driver(spark, size, fmt)
-
-
 def readable_snapshot(spark: SparkSession, location: str) -> LogSnapshot | None:
     """The table's snapshot from its log (pipeline.store.delta_log) where this process sees the
     files Spark would read: not over Spark Connect (the files are the server's), and a path
@@ -462,12 +451,10 @@ def open_vectors(spark: SparkSession, location: str, on_driver: bool) -> Searche
                                             vector_format(snapshot.properties)):
         return SearchedTable(snapshot.properties, snapshot=snapshot, on_driver=True)
     frame, properties = read_vectors(spark, location)
-    if not on_driver:
-        return SearchedTable(properties, frame=frame)
-    size = (snapshot.size_bytes if snapshot is not None
-            else TableRef.parse(location).size_bytes(spark))
-    return SearchedTable(properties, frame=frame,
-                         on_driver=fits_driver(spark, size, vector_format(properties)))
+    # a snapshot read here that did not fit above will not fit now; without one, Delta says
+    small = on_driver and snapshot is None and fits_driver(
+        spark, TableRef.parse(location).size_bytes(spark), vector_format(properties))
+    return SearchedTable(properties, frame=frame, on_driver=small)
 
 
 def result_counts(results: DataFrame) -> tuple[int, int]:

@@ -98,7 +98,7 @@ def test_the_corpus_cannot_reach_the_driver_yet_search_runs(spark, corpus):
     limit = search._bytes(spark.sparkContext.getConf().get("spark.driver.maxResultSize"))
     assert matrix.nbytes > limit, "the session lets the driver receive the whole corpus"
     table = Path(frame.inputFiles()[0].removeprefix("file:")).parent
-    assert not search.scores_on_driver(spark, str(table))
+    assert not search.open_vectors(spark, str(table), on_driver=True).on_driver
     queries = Queries(["a", "b"], random_units(3, 2, 96))
     assert exact_search(spark, frame, queries, k=5).count() == 10
 
@@ -235,10 +235,10 @@ def test_only_a_table_the_driver_may_receive_is_scored_there(spark, corpus, tmp_
     write_vectors(spark, tmp_path / "small", random_units(6, 300, 48), files=1)
     big = tmp_path / "big"
     write_vectors(spark, big, corpus[1], files=4)
-    assert search.scores_on_driver(spark, str(tmp_path / "small"))
-    assert not search.scores_on_driver(spark, str(big))
+    assert search.open_vectors(spark, str(tmp_path / "small"), on_driver=True).on_driver
+    assert not search.open_vectors(spark, str(big), on_driver=True).on_driver
     monkeypatch.setattr(search, "DRIVER_TABLE_BYTES", 1000)
-    assert not search.scores_on_driver(spark, str(tmp_path / "small"))
+    assert not search.open_vectors(spark, str(tmp_path / "small"), on_driver=True).on_driver
 
 
 def test_command_line_queries_keep_their_position_ids_and_blanks_are_dropped_or_refused():
